@@ -1,0 +1,33 @@
+"""odenet: continuous-depth neural networks. One dynamics module `f`, run as a ResNet or as an ODE."""
+
+from importlib.metadata import PackageNotFoundError, version as _version
+
+from . import solvers
+from .blocks import ODEBlock, ResBlock, swap_blocks
+from .dynamics import ConvDynamics, MLPDynamics
+from .odeint import odeint
+from .solution import Solution, SolveStats, SolverError, Status
+
+try:
+    __version__ = _version("odenet")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+#: Names accepted as ``solver=`` (fixed-step: euler, midpoint, heun, rk4; adaptive: bosh3, dopri5, tsit5).
+SOLVERS = tuple(solvers.SOLVERS)
+
+__all__ = [
+    "__version__",
+    "SOLVERS",
+    "odeint",
+    "Solution",
+    "SolveStats",
+    "SolverError",
+    "Status",
+    "ResBlock",
+    "ODEBlock",
+    "swap_blocks",
+    "MLPDynamics",
+    "ConvDynamics",
+    "solvers",
+]

@@ -1,0 +1,215 @@
+"""The `nn.Module` front: :class:`ResBlock`, :class:`ODEBlock` and :func:`swap_blocks`."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .odeint import SolveOptions, make_options, solve_with_options
+from .solution import Solution
+from .solvers.rk import ExplicitRK
+from .solvers.stats import SolveStats
+
+__all__ = ["ResBlock", "ODEBlock", "swap_blocks"]
+
+
+def _check_dynamics(f) -> None:
+    if not isinstance(f, nn.Module):
+        raise TypeError(
+            f"f must be an nn.Module with forward(t, x) (so its parameters are registered), got {type(f).__name__}. "
+            "Wrap a plain function in a module, or use odenet.odeint for functions."
+        )
+
+
+def _check_time(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite number, got {value!r}.")
+    return float(value)
+
+
+class ResBlock(nn.Module):
+    """One residual block `x + h · f(t, x)`: a single explicit Euler step of `dx/dt = f(t, x)`.
+
+    **Arguments:**
+
+    - `f`: the dynamics, an `nn.Module` with `forward(t, x)` returning a tensor of `x`'s shape.
+    - `h`: step size (the residual branch's scale), default 1.
+    - `t`: the time at which `f` is evaluated, default 0.
+
+    `N` blocks `ResBlock(f, h=1/N, t=i/N)`, `i = 0..N-1`, compute exactly what
+    `ODEBlock(f, solver="euler", steps=N)` computes (the same operations, bit for bit).
+
+    **Example:**
+
+    ```python
+    f = odenet.MLPDynamics(dim=2, hidden=16)
+    block = odenet.ResBlock(f, h=0.5)
+    y = block(torch.randn(8, 2))
+    ```
+    """
+
+    def __init__(self, f: nn.Module, h: float = 1.0, t: float = 0.0):
+        super().__init__()
+        _check_dynamics(f)
+        self.f = f
+        self.h = _check_time("h", h)
+        if self.h == 0.0:
+            raise ValueError("h must be non-zero (h = 0 makes the block the identity).")
+        self.t = _check_time("t", t)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # The same op as an Euler step of odenet's solver (torch.add with alpha), so that a
+        # stack of ResBlocks equals ODEBlock(solver="euler") exactly.
+        k = self.f(torch.full((), self.t, dtype=x.dtype, device=x.device), x)
+        return torch.add(x, k, alpha=self.h)
+
+    def extra_repr(self) -> str:
+        return f"h={self.h:g}, t={self.t:g}"
+
+
+class ODEBlock(nn.Module):
+    """A continuous-depth block: integrates `dx/dt = f(t, x)` from `t0` to `t1` and returns `x(t1)`.
+
+    **Arguments:**
+
+    - `f`: the dynamics, an `nn.Module` with `forward(t, x)`.
+    - `solver`: a name from `odenet.SOLVERS` or a solver object (default `"dopri5"`).
+    - `t0`, `t1`: integration interval (default 0 to 1).
+    - `steps`, `step_size`: fixed-step solvers only (`steps=N` with `solver="euler"` is N
+      weight-tied ResBlocks with `h = (t1 - t0)/N`).
+    - `rtol`, `atol`: adaptive solvers only; default `1e-3` each for blocks (a training
+      setting, as in Chen et al. 2018), unlike `odeint`'s `1e-7`/`1e-9`.
+    - `gradient`: `"direct"`, `"adjoint"` or `"checkpoint"` (see `odenet.odeint`).
+    - further keyword arguments (`first_step`, `min_step`, `max_steps`, `controller`,
+      `adjoint_rtol`, `adjoint_atol`, `adjoint_seminorm`, `backend`, `throw`) as in `odenet.odeint`.
+
+    Settings are validated here, so a bad combination fails at construction. After each
+    call, `last_stats` holds the `odenet.SolveStats` of that solve (its backward counts fill
+    in when `backward()` runs).
+
+    **Example:**
+
+    ```python
+    f = odenet.MLPDynamics(dim=2, hidden=32)
+    block = odenet.ODEBlock(f, solver="dopri5", rtol=1e-3, atol=1e-3, gradient="adjoint")
+    y = block(torch.randn(16, 2))
+    block.last_stats.nfe_forward
+    ys = block.trajectory(torch.randn(16, 2), torch.linspace(0, 1, 20))  # [20, 16, 2]
+    ```
+    """
+
+    def __init__(
+        self,
+        f: nn.Module,
+        solver: Union[str, ExplicitRK] = "dopri5",
+        *,
+        t0: float = 0.0,
+        t1: float = 1.0,
+        steps: Optional[int] = None,
+        step_size: Optional[float] = None,
+        rtol: Optional[float] = None,
+        atol: Optional[float] = None,
+        gradient: str = "direct",
+        **kwargs,
+    ):
+        super().__init__()
+        _check_dynamics(f)
+        self.f = f
+        self.t0 = _check_time("t0", t0)
+        self.t1 = _check_time("t1", t1)
+        if self.t0 == self.t1:
+            raise ValueError(f"t0 and t1 must differ, got t0 = t1 = {self.t0}.")
+        probe = make_options(solver, backend=kwargs.get("backend", "odenet"))
+        if probe.adaptive:
+            rtol = 1e-3 if rtol is None else rtol
+            atol = 1e-3 if atol is None else atol
+        self.options: SolveOptions = make_options(
+            solver, rtol=rtol, atol=atol, steps=steps, step_size=step_size, gradient=gradient, **kwargs
+        )
+        self.last_stats: Optional[SolveStats] = None
+
+    # convenient read-only views of the settings
+    @property
+    def solver(self):
+        return self.options.solver
+
+    @property
+    def gradient(self) -> str:
+        return self.options.gradient
+
+    def solve(self, x: Tensor, t: Optional[Union[Tensor, Sequence[float]]] = None) -> Solution:
+        """Integrate from `x` at `t[0]` and return the full `odenet.Solution` (default `t = [t0, t1]`)."""
+        if t is None:
+            t = (self.t0, self.t1)
+        sol = solve_with_options(self.f, x, t, self.options)
+        self.last_stats = sol.stats
+        return sol
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.solve(x).ys[-1]
+
+    def trajectory(self, x: Tensor, t: Union[Tensor, Sequence[float]]) -> Tensor:
+        """States at the times `t` (starting from `x` at `t[0]`), shape `[len(t), *x.shape]`."""
+        return self.solve(x, t).ys
+
+    def extra_repr(self) -> str:
+        o = self.options
+        parts = [f"solver={o.solver_name!r}", f"t0={self.t0:g}", f"t1={self.t1:g}"]
+        if o.adaptive:
+            parts += [f"rtol={o.rtol:g}", f"atol={o.atol:g}"]
+        elif o.steps is not None:
+            parts.append(f"steps={o.steps}")
+        elif o.step_size is not None:
+            parts.append(f"step_size={o.step_size:g}")
+        parts.append(f"gradient={o.gradient!r}")
+        if o.backend != "odenet":
+            parts.append(f"backend={o.backend!r}")
+        return ", ".join(parts)
+
+
+def _interval(block: nn.Module):
+    if isinstance(block, ResBlock):
+        return block.t, block.t + block.h
+    return block.t0, block.t1
+
+
+def swap_blocks(model: nn.Module, solver: Union[str, ExplicitRK] = "dopri5", **kwargs) -> nn.Module:
+    """Replace every `ResBlock` and `ODEBlock` in `model` by a block of the given kind, sharing its `f`.
+
+    Each block keeps its interval (`ResBlock(f, h, t)` covers `[t, t + h]`). With
+    `solver="euler", steps=1` (and nothing else) blocks become `ResBlock`s; anything else gives
+    `ODEBlock(f, solver, t0, t1, **kwargs)`. The same `f` module (same parameters) is used, so
+    the model trains and evaluates under either form. The model is modified in place and
+    returned; if `model` itself is a block, the new block is returned.
+
+    **Example:**
+
+    ```python
+    model = nn.Sequential(nn.Linear(4, 2), odenet.ResBlock(odenet.MLPDynamics(2)), nn.Linear(2, 3))
+    model = odenet.swap_blocks(model, solver="dopri5", rtol=1e-3, atol=1e-3)  # continuous
+    model = odenet.swap_blocks(model, solver="euler", steps=1)                # and back
+    ```
+    """
+    to_res = isinstance(solver, str) and solver == "euler" and kwargs.get("steps") == 1 and set(kwargs) <= {"steps"}
+    if not to_res:
+        make_options(solver, **{k: v for k, v in kwargs.items() if k not in ("t0", "t1")})  # fail before changing anything
+
+    def convert(block: nn.Module) -> nn.Module:
+        t0, t1 = _interval(block)
+        if to_res:
+            return ResBlock(block.f, h=t1 - t0, t=t0)
+        return ODEBlock(block.f, solver, t0=t0, t1=t1, **kwargs)
+
+    if isinstance(model, (ResBlock, ODEBlock)):
+        return convert(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"swap_blocks needs an nn.Module, got {type(model).__name__}.")
+    for name, child in list(model.named_children()):
+        if isinstance(child, (ResBlock, ODEBlock)):
+            setattr(model, name, convert(child))
+        else:
+            swap_blocks(child, solver, **kwargs)
+    return model

@@ -1,0 +1,129 @@
+"""Ready-made dynamics `f(t, x)` for vectors and images."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["MLPDynamics", "ConvDynamics"]
+
+_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "softplus": nn.Softplus, "elu": nn.ELU, "silu": nn.SiLU}
+
+
+def _activation(name: str) -> nn.Module:
+    try:
+        return _ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(f"Unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)}.") from None
+
+
+def _check_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return value
+
+
+class MLPDynamics(nn.Module):
+    """A multilayer perceptron `f(t, x)` for states of shape `[..., dim]`.
+
+    **Arguments:**
+
+    - `dim`: state dimension (last axis of `x`).
+    - `hidden`: width of the hidden layers (default 64).
+    - `layers`: number of hidden layers (default 2).
+    - `activation`: `"tanh"` (default), `"relu"`, `"softplus"`, `"elu"` or `"silu"`.
+    - `time_dependent`: append `t` to the input of every linear layer (default `True`).
+
+    **Example:**
+
+    ```python
+    f = odenet.MLPDynamics(dim=2, hidden=64)
+    dxdt = f(torch.tensor(0.0), torch.randn(10, 2))  # shape [10, 2]
+    ```
+    """
+
+    def __init__(self, dim: int, hidden: int = 64, layers: int = 2, activation: str = "tanh", time_dependent: bool = True):
+        super().__init__()
+        self.dim = _check_int("dim", dim)
+        hidden = _check_int("hidden", hidden)
+        layers = _check_int("layers", layers)
+        self.time_dependent = bool(time_dependent)
+        extra = 1 if self.time_dependent else 0
+        widths = [dim] + [hidden] * layers + [dim]
+        self.linears = nn.ModuleList(nn.Linear(a + extra, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.act = _activation(activation)
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"MLPDynamics(dim={self.dim}) got a state whose last axis is {x.shape[-1]} (shape {tuple(x.shape)}).")
+        tt = t.to(x.dtype).expand(*x.shape[:-1], 1) if self.time_dependent else None
+        h = x
+        for i, lin in enumerate(self.linears):
+            if tt is not None:
+                h = torch.cat([h, tt], dim=-1)
+            h = lin(h)
+            if i < len(self.linears) - 1:
+                h = self.act(h)
+        return h
+
+
+class _ConcatConv2d(nn.Module):
+    """3x3 convolution with `t` appended as a constant input channel."""
+
+    def __init__(self, c_in: int, c_out: int, time_dependent: bool):
+        super().__init__()
+        self.time_dependent = time_dependent
+        self.conv = nn.Conv2d(c_in + (1 if time_dependent else 0), c_out, kernel_size=3, padding=1)
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        if self.time_dependent:
+            tt = t.to(x.dtype).expand(x.shape[0], 1, x.shape[2], x.shape[3])
+            x = torch.cat([x, tt], dim=1)
+        return self.conv(x)
+
+
+class ConvDynamics(nn.Module):
+    """Convolutional `f(t, x)` for image states `[B, C, H, W]` (the ODE-Net block of Chen et al. 2018).
+
+    `norm → ReLU → conv(t) → norm → ReLU → conv(t) → norm`, with 3x3 convolutions that
+    see `t` as an extra channel and GroupNorm normalisation.
+
+    **Arguments:**
+
+    - `channels`: number of channels `C` of the state.
+    - `hidden`: channels between the two convolutions (default `channels`).
+    - `groups`: GroupNorm groups (default `min(32, channels)`; must divide the channel counts).
+    - `time_dependent`: feed `t` to the convolutions (default `True`).
+
+    **Example:**
+
+    ```python
+    f = odenet.ConvDynamics(channels=16)
+    dxdt = f(torch.tensor(0.0), torch.randn(2, 16, 8, 8))
+    ```
+    """
+
+    def __init__(self, channels: int, hidden: Optional[int] = None, groups: Optional[int] = None, time_dependent: bool = True):
+        super().__init__()
+        self.channels = _check_int("channels", channels)
+        hidden = _check_int("hidden", hidden if hidden is not None else channels)
+        groups = groups if groups is not None else min(32, channels, hidden)
+        _check_int("groups", groups)
+        for c in (channels, hidden):
+            if c % groups:
+                raise ValueError(f"groups={groups} must divide the channel counts (channels={channels}, hidden={hidden}).")
+        self.norm1 = nn.GroupNorm(groups, channels)
+        self.conv1 = _ConcatConv2d(channels, hidden, time_dependent)
+        self.norm2 = nn.GroupNorm(groups, hidden)
+        self.conv2 = _ConcatConv2d(hidden, channels, time_dependent)
+        self.norm3 = nn.GroupNorm(groups, channels)
+        self.act = nn.ReLU()
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"ConvDynamics(channels={self.channels}) needs a [B, {self.channels}, H, W] state, got shape {tuple(x.shape)}.")
+        h = self.conv1(t, self.act(self.norm1(x)))
+        h = self.conv2(t, self.act(self.norm2(h)))
+        return self.norm3(h)

@@ -1,0 +1,27 @@
+"""Floor 1: Butcher tableaus, the explicit Runge–Kutta step, step-size control and the integrate loop."""
+
+from .controller import PIController
+from .integrate import integrate
+from .rk import RK4, SOLVERS, Bosh3, Dopri5, Euler, ExplicitRK, Heun, Midpoint, Tsit5, get_solver
+from .stats import SolveStats
+from .status import SolverError, Status
+from .tableau import ButcherTableau
+
+__all__ = [
+    "ButcherTableau",
+    "ExplicitRK",
+    "Euler",
+    "Midpoint",
+    "Heun",
+    "RK4",
+    "Bosh3",
+    "Dopri5",
+    "Tsit5",
+    "SOLVERS",
+    "get_solver",
+    "PIController",
+    "integrate",
+    "SolveStats",
+    "Status",
+    "SolverError",
+]

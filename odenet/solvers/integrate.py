@@ -1,0 +1,238 @@
+"""The integrate loop: steps, step-size control and output times.
+
+One loop serves fixed-step and adaptive solvers, forward and backward in time.
+It works on Python-float times, so the fixed-step path never synchronises with
+the device; the adaptive path synchronises once per step (to read the error
+ratio that decides acceptance). Dense output is computed only for output times
+that fall strictly inside a step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .controller import PIController
+from .rk import ExplicitRK
+from .stats import SolveStats
+from .status import Status
+
+__all__ = ["CountedFunc", "StepRecord", "LoopResult", "integrate", "rms_norm"]
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    """Root-mean-square over all elements (the batch is one state)."""
+    return x.pow(2).mean().sqrt()
+
+
+class CountedFunc:
+    """Wraps the user's `f(t, y)`: turns the loop's float time into a 0-dim tensor of
+    `y`'s dtype and device, counts every call into `stats` (forward, or backward once
+    :attr:`backward` is set), and checks the first output's type, shape and dtype."""
+
+    __slots__ = ("f", "stats", "backward", "_checked")
+
+    def __init__(self, f: Callable[[Tensor, Tensor], Tensor], stats: SolveStats):
+        self.f = f
+        self.stats = stats
+        self.backward = False
+        self._checked = False
+
+    def __call__(self, t, y: Tensor) -> Tensor:
+        if not isinstance(t, Tensor):  # odenet's loop passes floats; torchdiffeq passes tensors
+            t = torch.full((), t, dtype=y.dtype, device=y.device)
+        out = self.f(t, y)
+        if self.backward:
+            self.stats.nfe_backward += 1
+        else:
+            self.stats.nfe_forward += 1
+        if not self._checked:
+            self._check(out, y)
+        return out
+
+    def _check(self, out, y: Tensor) -> None:
+        name = getattr(self.f, "__qualname__", None) or type(self.f).__name__
+        if not isinstance(out, Tensor):
+            raise TypeError(f"f must return a Tensor (dy/dt), but {name} returned {type(out).__name__}.")
+        if out.shape != y.shape:
+            raise ValueError(
+                f"f must return dy/dt with the state's shape {tuple(y.shape)}, but {name} returned shape "
+                f"{tuple(out.shape)}. Check the output layer of f (it must map the state back to its own shape)."
+            )
+        if out.dtype != y.dtype:
+            raise TypeError(
+                f"f must return dy/dt with the state's dtype {y.dtype}, but {name} returned {out.dtype}. "
+                "Cast f's parameters with f.to(dtype) or the state with y0.to(dtype)."
+            )
+        self._checked = True
+
+
+class StepRecord(NamedTuple):
+    """An accepted step, kept when the loop records (for checkpointed gradients)."""
+
+    t: float
+    h: float
+    y: Tensor
+    outputs: Tuple[Tuple[int, Optional[float]], ...]  # (output index, θ or None for the step's end)
+
+
+class LoopResult(NamedTuple):
+    ys: List[Tensor]
+    status: Status
+    t: float
+    h: float
+    records: Optional[List[StepRecord]]
+
+
+def _initial_step(f, t0: float, y0: Tensor, k0: Tensor, direction: float, order: int, rtol, atol, norm, span: float) -> float:
+    """Starting step size (Hairer, Nørsett & Wanner, Solving ODEs I, II.4); one evaluation of f."""
+    with torch.no_grad():
+        scale = atol + rtol * y0.abs()
+        d0 = float(norm(y0 / scale))
+        d1 = float(norm(k0 / scale))
+        h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
+        h0 = min(h0, span)
+        y1 = torch.add(y0, k0, alpha=direction * h0)
+        k1 = f(t0 + direction * h0, y1)
+        d2 = float(norm((k1 - k0) / scale)) / h0
+        if max(d1, d2) <= 1e-15:
+            h1 = max(1e-6, h0 * 1e-3)
+        else:
+            h1 = (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
+    h = min(100 * h0, h1, span)
+    return h if math.isfinite(h) and h > 0 else span
+
+
+def integrate(
+    f: Callable[[float, Tensor], Tensor],
+    y0: Tensor,
+    ts: Sequence[float],
+    solver: ExplicitRK,
+    *,
+    stats: SolveStats,
+    grid: Optional[Sequence[float]] = None,
+    rtol: float = 1e-7,
+    atol: float = 1e-9,
+    controller: Optional[PIController] = None,
+    first_step: Optional[float] = None,
+    min_step: Optional[float] = None,
+    max_steps: int = 10_000,
+    norm: Callable[[Tensor], Tensor] = rms_norm,
+    record: bool = False,
+) -> LoopResult:
+    """Integrate `dy/dt = f(t, y)` from `ts[0]` and return the state at every time in `ts`.
+
+    `ts` must be strictly monotone (validated by the caller). Fixed-step solvers step
+    along `grid` (which starts at `ts[0]` and ends at `ts[-1]`); adaptive ones choose
+    their steps with `controller`. Gradients flow through the loop if autograd is on
+    (step sizes themselves are not differentiated). Never raises on solver failure:
+    the status says what happened, and outputs not reached are NaN.
+    """
+    n_out = len(ts)
+    outputs: List[Optional[Tensor]] = [None] * n_out
+    outputs[0] = y0
+    records: Optional[List[StepRecord]] = [] if record else None
+    t_end = ts[-1]
+    direction = 1.0 if t_end > ts[0] else -1.0
+    tab = solver.tableau
+    adaptive = solver.adaptive
+    status = Status.SUCCESS
+
+    t = ts[0]
+    y = y0
+    nxt = 1
+    k1: Optional[Tensor] = None
+    h = 0.0
+
+    if adaptive:
+        controller = controller or PIController()
+        k_exp = controller.exponent_order(tab.error_order)
+        k1 = f(t, y)
+        with torch.no_grad():
+            finite = bool(torch.isfinite(y).all() & torch.isfinite(k1).all())
+        if not finite:
+            status = Status.NONFINITE
+        else:
+            span = abs(t_end - t)
+            h = direction * (first_step if first_step is not None else _initial_step(f, t, y, k1, direction, tab.order, rtol, atol, norm, span))
+        prev_ratio = 1.0
+        n_steps = 0
+    else:
+        grid = list(grid) if grid is not None else list(ts)
+        gi = 0
+
+    while nxt < n_out and status is Status.SUCCESS:
+        if adaptive:
+            if n_steps >= max_steps:
+                status = Status.MAX_STEPS
+                break
+            n_steps += 1
+            if direction * (t + h - t_end) >= 0.0:
+                h = t_end - t
+                t_new = t_end
+            else:
+                t_new = t + h
+        else:
+            t_new = grid[gi + 1]
+            h = t_new - t
+            gi += 1
+
+        res = solver.step(f, t, y, h, k1)
+
+        if adaptive:
+            with torch.no_grad():
+                scale = torch.maximum(y.abs(), res.y1.abs()).mul_(rtol).add_(atol)
+                ratio = float(norm(res.error / scale))  # the one host sync per step
+            if controller.error_per_unit_step:
+                ratio /= abs(h)
+            if not math.isfinite(ratio):
+                accepted = False
+                factor = controller.dfactor
+            else:
+                accepted = ratio <= 1.0
+                factor = controller.factor(ratio, prev_ratio, accepted, k_exp)
+        else:
+            accepted = True
+
+        if accepted:
+            produced = []
+            while nxt < n_out and direction * (ts[nxt] - t_new) <= 0.0:
+                if ts[nxt] == t_new:
+                    outputs[nxt] = res.y1
+                    produced.append((nxt, None))
+                else:
+                    theta = (ts[nxt] - t) / h
+                    outputs[nxt] = solver.interpolate(y, h, res.ks, theta)
+                    produced.append((nxt, theta))
+                nxt += 1
+            if record:
+                records.append(StepRecord(t, h, y, tuple(produced)))
+            stats.n_accepted += 1
+            t, y, k1 = t_new, res.y1, res.k_next
+            if adaptive:
+                prev_ratio = max(ratio, 1e-10)
+        else:
+            stats.n_rejected += 1
+
+        if adaptive:
+            h_new = h * factor
+            if not accepted or nxt < n_out:
+                too_small = abs(h_new) < (min_step or 0.0) or t + h_new == t
+                if too_small and not accepted:
+                    status = Status.NONFINITE if not math.isfinite(ratio) else Status.STEP_UNDERFLOW
+                    h = h_new
+                    break
+            h = h_new
+
+    if not adaptive and status is Status.SUCCESS:
+        with torch.no_grad():
+            if not bool(torch.isfinite(y).all()):  # one sync per solve on the fixed-step path
+                status = Status.NONFINITE
+    stats.final_step = h
+    if status is not Status.SUCCESS:
+        nan = torch.full_like(y0, float("nan"))
+        outputs = [o if o is not None else nan for o in outputs]
+    return LoopResult(outputs, status, t, h, records)

@@ -1,0 +1,279 @@
+"""One generic explicit Runge–Kutta step for any :class:`ButcherTableau`.
+
+Solvers hold no parameters and no per-solve state: :meth:`ExplicitRK.step` takes
+the state and returns everything the integrate loop needs (the new state, the
+error estimate, the stages for dense output, and the first stage of the next
+step for FSAL methods).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .tableau import BOSH3, DOPRI5, EULER, HEUN, MIDPOINT, TSIT5, ButcherTableau
+from .tableau import RK4 as _RK4_TABLEAU
+
+__all__ = [
+    "ExplicitRK",
+    "Euler",
+    "Midpoint",
+    "Heun",
+    "RK4",
+    "Bosh3",
+    "Dopri5",
+    "Tsit5",
+    "SOLVERS",
+    "get_solver",
+]
+
+# f(t, y) where t is a Python float; the integrate loop turns it into a tensor.
+Func = Callable[[float, Tensor], Tensor]
+
+
+def _combine(y: Tensor, h: float, coefs: Tuple[Tuple[int, float], ...], ks: List[Tensor]) -> Tensor:
+    """y + h Σ_j coef_j k_j, allocating one new tensor and accumulating in place.
+
+    Accumulating into the fresh tensor is autograd-safe: `add_` does not need its
+    output for backward.
+    """
+    if not coefs:
+        return y
+    j, a = coefs[0]
+    out = torch.add(y, ks[j], alpha=h * a)
+    for j, a in coefs[1:]:
+        out.add_(ks[j], alpha=h * a)
+    return out
+
+
+def _lincomb(h: float, coefs: Tuple[Tuple[int, float], ...], ks: List[Tensor]) -> Tensor:
+    """h Σ_j coef_j k_j (the error estimate), one allocation."""
+    j, a = coefs[0]
+    out = torch.mul(ks[j], h * a)
+    for j, a in coefs[1:]:
+        out.add_(ks[j], alpha=h * a)
+    return out
+
+
+def _nonzero(row) -> Tuple[Tuple[int, float], ...]:
+    return tuple((j, float(x)) for j, x in enumerate(row) if x != 0.0)
+
+
+class StepResult(NamedTuple):
+    """What one step returns: the new state, the local error estimate (``None`` for
+    fixed-step methods), all stages ``ks`` (for dense output), and ``f(t1, y1)``
+    when the method is FSAL (else ``None``)."""
+
+    y1: Tensor
+    error: Optional[Tensor]
+    ks: List[Tensor]
+    k_next: Optional[Tensor]
+
+
+class ExplicitRK:
+    """An explicit Runge–Kutta solver defined by a :class:`ButcherTableau`.
+
+    **Arguments:**
+
+    - `tableau`: the method's coefficients.
+    - `adaptive`: run with error control and a step-size controller (needs
+      `tableau.b_err`). Defaults to `True` exactly when the tableau has an embedded
+      method. `adaptive=False` runs an embedded method on a fixed grid, which is how
+      its convergence order is measured.
+
+    **Example:**
+
+    ```python
+    import odenet
+    from odenet.solvers import ButcherTableau, ExplicitRK
+
+    ralston = ButcherTableau(name="ralston", c=(0, 2 / 3), a=((), (2 / 3,)),
+                             b=(1 / 4, 3 / 4), order=2)
+    sol = odenet.odeint(lambda t, y: -y, torch.ones(3), [0.0, 1.0],
+                        solver=ExplicitRK(ralston), steps=10)
+    ```
+    """
+
+    def __init__(self, tableau: ButcherTableau, adaptive: Optional[bool] = None):
+        if not isinstance(tableau, ButcherTableau):
+            raise TypeError(f"ExplicitRK needs a ButcherTableau, got {type(tableau).__name__}.")
+        if adaptive is None:
+            adaptive = tableau.adaptive
+        if adaptive and not tableau.adaptive:
+            raise ValueError(
+                f"Tableau {tableau.name!r} has no embedded error estimate (b_err), so it cannot "
+                "run adaptively; use adaptive=False with steps= or step_size=."
+            )
+        self.tableau = tableau
+        self.adaptive = bool(adaptive)
+        self._rows = tuple(_nonzero(r) for r in tableau.a)
+        self._b = _nonzero(tableau.b)
+        self._err = _nonzero(tableau.b_err) if tableau.b_err is not None else ()
+        self._dense = tableau.dense
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def name(self) -> str:
+        return self.tableau.name
+
+    @property
+    def order(self) -> int:
+        return self.tableau.order
+
+    def __repr__(self) -> str:
+        kind = "adaptive" if self.adaptive else "fixed"
+        return f"{type(self).__name__}({self.tableau.name}, {kind})"
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other.tableau == self.tableau and other.adaptive == self.adaptive
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.tableau, self.adaptive))
+
+    # ------------------------------------------------------------------ the step
+    def step(
+        self, f: Func, t: float, y: Tensor, h: float, k1: Optional[Tensor] = None, with_error: bool = True
+    ) -> StepResult:
+        """Take one step of size `h` (negative to integrate backwards) from `(t, y)`.
+
+        `k1 = f(t, y)` may be passed in (FSAL methods hand it over from the previous
+        step); otherwise it is evaluated. `with_error=False` skips the error estimate
+        (used when a step is recomputed for its gradient).
+        """
+        tab = self.tableau
+        if k1 is None:
+            k1 = f(t, y)
+        ks = [k1]
+        c = tab.c
+        yi = y
+        for i in range(1, tab.stages):
+            yi = _combine(y, h, self._rows[i], ks)
+            ks.append(f(t + c[i] * h, yi))
+        if tab.fsal:
+            # The last stage was evaluated at y1 itself: reuse the tensor.
+            y1 = yi
+            k_next = ks[-1]
+        else:
+            y1 = _combine(y, h, self._b, ks)
+            k_next = None
+        error = _lincomb(h, self._err, ks) if (with_error and self.adaptive and self._err) else None
+        return StepResult(y1, error, ks, k_next)
+
+    def interpolate(self, y0: Tensor, h: float, ks: List[Tensor], theta: float) -> Tensor:
+        """Dense output at `t0 + θ h` from the stages of the step that started at `(t0, y0)`."""
+        weights = tuple(
+            (i, sum(coef * theta ** (j + 1) for j, coef in enumerate(row))) for i, row in enumerate(self._dense)
+        )
+        weights = tuple((i, w) for i, w in weights if w != 0.0)
+        return _combine(y0, h, weights, ks)
+
+
+class _NamedRK(ExplicitRK):
+    """Base of the built-in methods: the tableau is a class attribute."""
+
+    TABLEAU: ButcherTableau
+
+    def __init__(self, adaptive: Optional[bool] = None):
+        super().__init__(self.TABLEAU, adaptive)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(adaptive={self.adaptive})"
+
+
+class Euler(_NamedRK):
+    """Explicit Euler, order 1: one residual update `y + h f(t, y)` per step.
+
+    Reference: L. Euler, Institutionum calculi integralis, 1768.
+    """
+
+    TABLEAU = EULER
+
+
+class Midpoint(_NamedRK):
+    """Explicit midpoint rule, order 2, second-order dense output.
+
+    Reference: C. Runge, Math. Ann. 46, 1895.
+    """
+
+    TABLEAU = MIDPOINT
+
+
+class Heun(_NamedRK):
+    """Heun's method (explicit trapezoidal rule), order 2, second-order dense output.
+
+    Reference: K. Heun, Z. Math. Phys. 45, 1900.
+    """
+
+    TABLEAU = HEUN
+
+
+class RK4(_NamedRK):
+    """The classical fourth-order Runge–Kutta method, third-order dense output.
+
+    Reference: W. Kutta, Z. Math. Phys. 46, 1901.
+    """
+
+    TABLEAU = _RK4_TABLEAU
+
+
+class Bosh3(_NamedRK):
+    """Bogacki–Shampine 3(2): FSAL, adaptive, cubic Hermite dense output.
+
+    Reference: P. Bogacki and L. F. Shampine, Appl. Math. Lett. 2(4), 1989.
+    """
+
+    TABLEAU = BOSH3
+
+
+class Dopri5(_NamedRK):
+    """Dormand–Prince 5(4): FSAL, adaptive, Shampine's fourth-order dense output.
+
+    Reference: J. R. Dormand and P. J. Prince, J. Comput. Appl. Math. 6(1), 1980;
+    L. F. Shampine, Math. Comp. 46(173), 1986.
+    """
+
+    TABLEAU = DOPRI5
+
+
+class Tsit5(_NamedRK):
+    """Tsitouras 5(4): FSAL, adaptive, fourth-order dense output.
+
+    Reference: Ch. Tsitouras, Comput. Math. Appl. 62(2), 2011.
+    """
+
+    TABLEAU = TSIT5
+
+
+#: Solver names accepted as ``solver=``, mapped to their classes.
+SOLVERS = {
+    "euler": Euler,
+    "midpoint": Midpoint,
+    "heun": Heun,
+    "rk4": RK4,
+    "bosh3": Bosh3,
+    "dopri5": Dopri5,
+    "tsit5": Tsit5,
+}
+
+
+def get_solver(solver) -> ExplicitRK:
+    """Turn a name from :data:`SOLVERS` or an :class:`ExplicitRK` instance into a solver.
+
+    **Raises:** `ValueError` for an unknown name, `TypeError` for anything else.
+    """
+    if isinstance(solver, ExplicitRK):
+        return solver
+    if isinstance(solver, str):
+        try:
+            return SOLVERS[solver.lower()]()
+        except KeyError:
+            raise ValueError(
+                f"Unknown solver {solver!r}. Choose one of {sorted(SOLVERS)} "
+                "(odenet.SOLVERS), or pass a solver object such as odenet.solvers.Dopri5()."
+            ) from None
+    raise TypeError(
+        f"solver must be a name from odenet.SOLVERS or an odenet.solvers.ExplicitRK instance, "
+        f"got {type(solver).__name__}."
+    )

@@ -1,0 +1,59 @@
+"""How a solve ended: a status with a message that says what to do."""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["Status", "SolverError"]
+
+
+class Status(enum.Enum):
+    """Outcome of a solve. ``Status.SUCCESS`` or one of the failures below; every
+    failure's :meth:`message` says what happened and what to try."""
+
+    SUCCESS = "success"
+    MAX_STEPS = "max_steps_reached"
+    STEP_UNDERFLOW = "step_size_underflow"
+    NONFINITE = "nonfinite_state"
+
+    def message(self, t: float = float("nan"), h: float = float("nan"), max_steps: int = 0, min_step=None) -> str:
+        """Human-readable explanation with the time `t`, step size `h` and limits filled in."""
+        if self is Status.SUCCESS:
+            return "The solve succeeded."
+        if self is Status.MAX_STEPS:
+            return (
+                f"The maximum number of solver steps (max_steps={max_steps}) was reached at t={t:.6g} "
+                f"with step size {h:.3g}. Increase max_steps=, loosen rtol/atol, or check whether the "
+                "dynamics have become stiff or fast (regularise f, e.g. with weight decay or a kinetic "
+                "energy penalty)."
+            )
+        if self is Status.STEP_UNDERFLOW:
+            limit = f"min_step={min_step:.3g}" if min_step else "the floating-point resolution of t"
+            return (
+                f"The step size fell to {h:.3g} at t={t:.6g}, below {limit}. The problem is probably "
+                "stiff or f blows up near this t: loosen rtol/atol, lower min_step, use float64, or "
+                "check f for a singularity."
+            )
+        if self is Status.NONFINITE:
+            return (
+                f"The state or f(t, y) became non-finite (NaN or inf) near t={t:.6g}. Check y0 and f's "
+                "parameters for NaN/inf, lower the learning rate or clip gradients, use a smaller "
+                "first_step or tighter tolerances, or use float64."
+            )
+        raise AssertionError(self)  # pragma: no cover
+
+
+class SolverError(RuntimeError):
+    """The solver failed: maximum steps reached, step size underflow, or a non-finite state.
+
+    The message says what happened and what to try. Attributes: `status` (a
+    :class:`Status`), `stats` (the partial `SolveStats`) and `solution` (the partial
+    `Solution`, or `None` when the failure happened in the adjoint's backward pass).
+    Pass `throw=False` to get the `Solution` with its status instead.
+    """
+
+    def __init__(self, message: str, status: Status, stats=None, solution=None):
+        super().__init__(message)
+        self.status = status
+        self.stats = stats
+        self.solution = solution

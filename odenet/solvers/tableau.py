@@ -1,0 +1,377 @@
+"""Butcher tableaus: explicit Runge–Kutta methods as data.
+
+Each method is one frozen :class:`ButcherTableau` holding its nodes ``c``, its
+strictly lower-triangular matrix ``a``, its solution weights ``b``, optionally
+the error weights ``b_err = b - b_embedded`` of an embedded lower-order method,
+and its *dense output*: for every stage ``i`` a polynomial ``b_i(θ)`` with
+``b_i(1) = b_i`` such that
+
+    y(t0 + θ h) ≈ y0 + h Σ_i b_i(θ) k_i,    0 ≤ θ ≤ 1.
+
+``dense[i]`` lists the coefficients of ``θ, θ², θ³, …`` (no constant term,
+since ``y(t0) = y0``). One generic step in :mod:`odenet.solvers.rk` runs any
+tableau; adding a method is adding one of these objects.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = [
+    "ButcherTableau",
+    "EULER",
+    "MIDPOINT",
+    "HEUN",
+    "RK4",
+    "BOSH3",
+    "DOPRI5",
+    "TSIT5",
+]
+
+Row = Tuple[float, ...]
+
+
+def _tuple(x: Sequence) -> Row:
+    return tuple(float(v) for v in x)
+
+
+@dataclass(frozen=True)
+class ButcherTableau:
+    """An explicit Runge–Kutta method as data.
+
+    **Arguments:**
+
+    - `name`: short name, used in messages and by `odenet.citation`.
+    - `c`: nodes, length `s` (number of stages), `c[0] == 0`.
+    - `a`: strictly lower-triangular stage matrix as `s` rows; row `i` has `i` entries.
+    - `b`: weights of the propagated solution, length `s`, summing to 1.
+    - `order`: order of the propagated solution.
+    - `b_err`: optional error weights `b - b_embedded` of an embedded method; makes the
+      method adaptive-capable.
+    - `embedded_order`: order of the embedded method (required with `b_err`).
+    - `dense`: optional per-stage polynomial coefficients of the continuous extension
+      (coefficients of `θ, θ², …`); defaults to linear interpolation `b_i(θ) = θ b_i`.
+    - `reference`: where the method comes from.
+
+    **Raises:**
+
+    - `ValueError` if the arrays have inconsistent shapes, `c` does not equal the row
+      sums of `a`, the weights do not sum to 1, or the dense output does not reproduce
+      `b` at `θ = 1`.
+    """
+
+    name: str
+    c: Row
+    a: Tuple[Row, ...]
+    b: Row
+    order: int
+    b_err: Optional[Row] = None
+    embedded_order: Optional[int] = None
+    dense: Optional[Tuple[Row, ...]] = None
+    reference: str = ""
+    fsal: bool = field(init=False)
+
+    def __post_init__(self):
+        s = len(self.c)
+        object.__setattr__(self, "c", _tuple(self.c))
+        object.__setattr__(self, "a", tuple(_tuple(r) for r in self.a))
+        object.__setattr__(self, "b", _tuple(self.b))
+        if self.b_err is not None:
+            object.__setattr__(self, "b_err", _tuple(self.b_err))
+        if self.dense is None:
+            object.__setattr__(self, "dense", tuple((bi,) for bi in self.b))
+        else:
+            object.__setattr__(self, "dense", tuple(_tuple(r) for r in self.dense))
+
+        def bad(msg):
+            raise ValueError(f"ButcherTableau {self.name!r}: {msg}")
+
+        if s == 0:
+            bad("needs at least one stage (got an empty `c`).")
+        if self.c[0] != 0.0:
+            bad(f"explicit methods need c[0] == 0, got c[0] = {self.c[0]}.")
+        if len(self.a) != s or any(len(row) != i for i, row in enumerate(self.a)):
+            bad(
+                "`a` must be strictly lower triangular with row i holding i entries; got row "
+                f"lengths {[len(r) for r in self.a]} for {s} stages."
+            )
+        if len(self.b) != s:
+            bad(f"`b` has {len(self.b)} entries for {s} stages.")
+        for i, row in enumerate(self.a):
+            if abs(sum(row) - self.c[i]) > 1e-10:
+                bad(f"row {i} of `a` sums to {sum(row)} but c[{i}] = {self.c[i]}.")
+        if abs(sum(self.b) - 1.0) > 1e-10:
+            bad(f"weights `b` sum to {sum(self.b)}, not 1.")
+        if self.b_err is not None:
+            if len(self.b_err) != s:
+                bad(f"`b_err` has {len(self.b_err)} entries for {s} stages.")
+            if abs(sum(self.b_err)) > 1e-10:
+                bad(f"error weights `b_err` must sum to 0 (b and the embedded weights both sum to 1), got {sum(self.b_err)}.")
+            if self.embedded_order is None:
+                bad("`embedded_order` is required when `b_err` is given.")
+        if len(self.dense) != s:
+            bad(f"`dense` has {len(self.dense)} rows for {s} stages.")
+        for i, row in enumerate(self.dense):
+            if abs(sum(row) - self.b[i]) > 1e-8:
+                bad(f"dense output of stage {i} gives {sum(row)} at θ=1 but b[{i}] = {self.b[i]}.")
+        fsal = s > 1 and self.c[-1] == 1.0 and all(abs(x - y) < 1e-15 for x, y in zip(self.a[-1], self.b)) and self.b[-1] == 0.0
+        object.__setattr__(self, "fsal", fsal)
+
+    @property
+    def stages(self) -> int:
+        """Number of stages `s`."""
+        return len(self.c)
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the tableau carries an embedded error estimate."""
+        return self.b_err is not None
+
+    @property
+    def error_order(self) -> int:
+        """Order `q` of the local error estimate's leading term minus one (`min(order, embedded_order)`)."""
+        if self.embedded_order is None:
+            return self.order
+        return min(self.order, self.embedded_order)
+
+    def dense_weights(self, theta: float) -> Tuple[float, ...]:
+        """The weights `b_i(θ)` of the continuous extension at `θ ∈ [0, 1]`."""
+        return tuple(sum(coef * theta ** (j + 1) for j, coef in enumerate(row)) for row in self.dense)
+
+
+# ---------------------------------------------------------------- helpers to build dense outputs
+
+
+def _poly(*coefs) -> np.ndarray:
+    """Polynomial in θ as an object array of Fractions (constant term first)."""
+    return np.array([Fraction(c) for c in coefs], dtype=object)
+
+
+def _pmul(p, q):
+    out = np.array([Fraction(0)] * (len(p) + len(q) - 1), dtype=object)
+    for i, x in enumerate(p):
+        for j, y in enumerate(q):
+            out[i + j] += x * y
+    return out
+
+
+def _padd(*ps):
+    n = max(len(p) for p in ps)
+    out = np.array([Fraction(0)] * n, dtype=object)
+    for p in ps:
+        out[: len(p)] += p
+    return out
+
+
+def _scale(p, s):
+    return np.array([x * Fraction(s) for x in p], dtype=object)
+
+
+def _to_dense(polys) -> Tuple[Row, ...]:
+    rows = []
+    for p in polys:
+        assert p[0] == 0
+        coefs = [float(x) for x in p[1:]]
+        while len(coefs) > 1 and coefs[-1] == 0.0:
+            coefs.pop()
+        rows.append(tuple(coefs))
+    return tuple(rows)
+
+
+def _hermite_dense(b: Sequence[Fraction]) -> Tuple[Row, ...]:
+    """Cubic Hermite continuous extension of an FSAL method (last stage is f(t1, y1)).
+
+    y(θ) = (2θ³-3θ²+1) y0 + (θ³-2θ²+θ) h f0 + (3θ²-2θ³) y1 + (θ³-θ²) h f1, with
+    y1 = y0 + h Σ b_i k_i, f0 = k_0 and f1 = k_{s-1}.
+    """
+    s = len(b)
+    h00_f0 = _poly(0, 1, -2, 1)
+    h01 = _poly(0, 0, 3, -2)
+    h11 = _poly(0, 0, -1, 1)
+    polys = []
+    for i in range(s):
+        p = _scale(h01, b[i])
+        if i == 0:
+            p = _padd(p, h00_f0)
+        if i == s - 1:
+            p = _padd(p, h11)
+        polys.append(p)
+    return _to_dense(polys)
+
+
+F = Fraction
+
+# ---------------------------------------------------------------- fixed-step methods
+
+EULER = ButcherTableau(
+    name="euler",
+    c=(0,),
+    a=((),),
+    b=(1,),
+    order=1,
+    dense=((1.0,),),  # the Euler polygon: linear between steps
+    reference="L. Euler, Institutionum calculi integralis, 1768.",
+)
+
+MIDPOINT = ButcherTableau(
+    name="midpoint",
+    c=(0, 0.5),
+    a=((), (0.5,)),
+    b=(0, 1),
+    order=2,
+    # b1 = θ - θ², b2 = θ²: second-order continuous extension.
+    dense=((1.0, -1.0), (0.0, 1.0)),
+    reference="C. Runge, Über die numerische Auflösung von Differentialgleichungen, Math. Ann. 46, 1895.",
+)
+
+HEUN = ButcherTableau(
+    name="heun",
+    c=(0, 1),
+    a=((), (1.0,)),
+    b=(0.5, 0.5),
+    order=2,
+    # b1 = θ - θ²/2, b2 = θ²/2
+    dense=((1.0, -0.5), (0.0, 0.5)),
+    reference="K. Heun, Neue Methode zur approximativen Integration der Differentialgleichungen "
+    "einer unabhängigen Veränderlichen, Z. Math. Phys. 45, 1900.",
+)
+
+RK4 = ButcherTableau(
+    name="rk4",
+    c=(0, 0.5, 0.5, 1),
+    a=((), (0.5,), (0, 0.5), (0, 0, 1.0)),
+    b=(1 / 6, 1 / 3, 1 / 3, 1 / 6),
+    order=4,
+    # Third-order continuous extension (Hairer, Nørsett & Wanner, Solving ODEs I, II.6).
+    dense=(
+        (1.0, -1.5, 2 / 3),
+        (0.0, 1.0, -2 / 3),
+        (0.0, 1.0, -2 / 3),
+        (0.0, -0.5, 2 / 3),
+    ),
+    reference="W. Kutta, Beitrag zur näherungsweisen Integration totaler Differentialgleichungen, "
+    "Z. Math. Phys. 46, 1901.",
+)
+
+# ---------------------------------------------------------------- adaptive (embedded) methods
+
+_BOSH3_B = (F(2, 9), F(1, 3), F(4, 9), F(0))
+_BOSH3_BHAT = (F(7, 24), F(1, 4), F(1, 3), F(1, 8))
+
+BOSH3 = ButcherTableau(
+    name="bosh3",
+    c=(0, 0.5, 0.75, 1),
+    a=((), (0.5,), (0, 0.75), tuple(float(x) for x in _BOSH3_B[:3])),
+    b=tuple(float(x) for x in _BOSH3_B),
+    b_err=tuple(float(x - y) for x, y in zip(_BOSH3_B, _BOSH3_BHAT)),
+    order=3,
+    embedded_order=2,
+    dense=_hermite_dense(_BOSH3_B),
+    reference="P. Bogacki and L. F. Shampine, A 3(2) pair of Runge–Kutta formulas, "
+    "Appl. Math. Lett. 2(4), 1989.",
+)
+
+_DP_B = (F(35, 384), F(0), F(500, 1113), F(125, 192), F(-2187, 6784), F(11, 84), F(0))
+_DP_BHAT = (F(5179, 57600), F(0), F(7571, 16695), F(393, 640), F(-92097, 339200), F(187, 2100), F(1, 40))
+# Shampine (1986) dense-output coefficients, as used in Hairer's DOPRI5 (CONTD5).
+_DP_D = (
+    F(-12715105075, 11282082432), F(0), F(87487479700, 32700410799), F(-10690763975, 1880347072),
+    F(701980252875, 199316789632), F(-1453857185, 822651844), F(69997945, 29380423),
+)
+
+
+def _dopri5_dense() -> Tuple[Row, ...]:
+    # y(θ) = y0 + θΔ + θ(1-θ)(h k1 - Δ) + θ²(1-θ)(2Δ - h k1 - h k7) + θ²(1-θ)² h Σ d_i k_i,
+    # with Δ = h Σ b_i k_i (Hairer, Nørsett & Wanner, Solving ODEs I, II.6).
+    t1 = _poly(0, 1)
+    t1m = _poly(0, 1, -1)  # θ(1-θ)
+    t2m = _poly(0, 0, 1, -1)  # θ²(1-θ)
+    t2m2 = _pmul(t2m, _poly(1, -1))  # θ²(1-θ)²
+    polys = []
+    for i in range(7):
+        e1 = F(1 if i == 0 else 0)
+        e7 = F(1 if i == 6 else 0)
+        p = _padd(
+            _scale(t1, _DP_B[i]),
+            _scale(t1m, e1 - _DP_B[i]),
+            _scale(t2m, 2 * _DP_B[i] - e1 - e7),
+            _scale(t2m2, _DP_D[i]),
+        )
+        polys.append(p)
+    return _to_dense(polys)
+
+
+DOPRI5 = ButcherTableau(
+    name="dopri5",
+    c=(0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1, 1),
+    a=(
+        (),
+        (1 / 5,),
+        (3 / 40, 9 / 40),
+        (44 / 45, -56 / 15, 32 / 9),
+        (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+        (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+        tuple(float(x) for x in _DP_B[:6]),
+    ),
+    b=tuple(float(x) for x in _DP_B),
+    b_err=tuple(float(x - y) for x, y in zip(_DP_B, _DP_BHAT)),
+    order=5,
+    embedded_order=4,
+    dense=_dopri5_dense(),
+    reference="J. R. Dormand and P. J. Prince, A family of embedded Runge–Kutta formulae, "
+    "J. Comput. Appl. Math. 6(1), 1980; dense output: L. F. Shampine, Some practical "
+    "Runge–Kutta formulas, Math. Comp. 46(173), 1986.",
+)
+
+
+def _tsit5_dense() -> Tuple[Row, ...]:
+    # Tsitouras (2011), section 3: the continuous extension b_i(θ) in factored form.
+    P = np.polynomial.Polynomial
+    th = P([0.0, 1.0])
+    basis = [
+        -1.0530884977290216 * th * (th - 1.3299890189751412) * (th**2 - 1.4364028541716351 * th + 0.7139816917074209),
+        0.1017 * th**2 * (th**2 - 2.1966568338249754 * th + 1.2949852507374631),
+        2.490627285651252793 * th**2 * (th**2 - 2.38535645472061657 * th + 1.57803468208092486),
+        -16.54810288924490272 * (th - 1.21712927295533244) * (th - 0.61620406037800089) * th**2,
+        47.37952196281928122 * (th - 1.203071208372362603) * (th - 0.658047292653547382) * th**2,
+        -34.87065786149660974 * (th - 1.2) * (th - 2 / 3) * th**2,
+        2.5 * (th - 1) * (th - 0.6) * th**2,
+    ]
+    rows = []
+    for p in basis:
+        coef = np.zeros(5)
+        coef[: len(p.coef)] = p.coef
+        rows.append(tuple(float(x) for x in coef[1:]))
+    return tuple(rows)
+
+
+_TS_B = (0.09646076681806523, 0.01, 0.4798896504144996, 1.379008574103742,
+         -3.290069515436081, 2.324710524099774, 0.0)
+
+TSIT5 = ButcherTableau(
+    name="tsit5",
+    c=(0, 0.161, 0.327, 0.9, 0.9800255409045097, 1, 1),
+    a=(
+        (),
+        (0.161,),
+        (-0.008480655492356989, 0.335480655492357),
+        (2.897153057105493, -6.359448489975075, 4.3622954328695815),
+        (5.325864828439257, -11.748883564062828, 7.4955393428898365, -0.09249506636175525),
+        (5.86145544294642, -12.92096931784711, 8.159367898576159, -0.071584973281401, -0.028269050394068383),
+        _TS_B[:6],
+    ),
+    b=_TS_B,
+    # b - b_embedded; the sign of the last entry is the corrected one (-1/66).
+    b_err=(0.001780011052226, 0.000816434459657, -0.007880878010262, 0.144711007173263,
+           -0.582357165452555, 0.458082105929187, -1 / 66),
+    order=5,
+    embedded_order=4,
+    dense=_tsit5_dense(),
+    reference="Ch. Tsitouras, Runge–Kutta pairs of order 5(4) satisfying only the first column "
+    "simplifying assumption, Comput. Math. Appl. 62(2), 2011.",
+)
