@@ -151,20 +151,24 @@ class _CheckpointFn(torch.autograd.Function):
             res = integrate(box.fc, y0, box.ts, box.solver, record=True, **box.loop_kw)
         box.result = res
         ctx.box = box
-        ctx.save_for_backward(*params)
+        ctx.n_params = len(params)
+        # The step-boundary states go through save_for_backward so that they are visible
+        # to saved-tensor hooks (and so to activation-memory measurements).
+        ctx.save_for_backward(*params, *(r.y for r in res.records))
         return torch.stack(res.ys)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         box: _Box = ctx.box
-        params = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        params, states = saved[: ctx.n_params], saved[ctx.n_params :]
         solver, fc = box.solver, box.fc
         records = box.result.records
         a = torch.zeros_like(g[0])
         grads_p: List[Optional[Tensor]] = [None] * len(params)
-        for rec in reversed(records):
+        for rec, y_start in zip(reversed(records), reversed(states)):
             with torch.enable_grad():
-                yn = rec.y.detach().requires_grad_(True)
+                yn = y_start.detach().requires_grad_(True)
                 step = solver.step(fc, rec.t, yn, rec.h, None, with_error=False)
                 outs = [step.y1]
                 g_end = a
