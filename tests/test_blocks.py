@@ -1,0 +1,143 @@
+"""ResBlock / ODEBlock / swap_blocks as ordinary nn.Modules, and the ResNet = Euler identity."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import odenet
+
+
+def _f(dim=4, seed=0):
+    torch.manual_seed(seed)
+    return odenet.MLPDynamics(dim=dim, hidden=16).double()
+
+
+@pytest.mark.parametrize("n", [1, 3, 6, 10])
+def test_stacked_resblocks_equal_euler_odeblock(n):
+    f = _f()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    stack = nn.Sequential(*[odenet.ResBlock(f, h=1 / n, t=i / n) for i in range(n)])
+    euler = odenet.ODEBlock(f, solver="euler", steps=n)
+    diff = (stack(x) - euler(x)).abs().max().item()
+    assert diff <= 1e-12, diff
+    assert euler.last_stats.nfe_forward == n
+
+
+def test_resblock_is_one_euler_step():
+    f = _f()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    block = odenet.ResBlock(f, h=0.3, t=0.2)
+    expected = x + 0.3 * f(torch.tensor(0.2, dtype=torch.float64), x)
+    torch.testing.assert_close(block(x), expected, rtol=1e-14, atol=1e-14)
+
+
+def test_swap_blocks_roundtrip():
+    f1, f2 = _f(seed=1), _f(seed=2)
+    model = nn.Sequential(
+        nn.Linear(4, 4).double(), odenet.ResBlock(f1, h=0.5, t=0.0), nn.Sequential(odenet.ResBlock(f2, h=0.5, t=0.5))
+    )
+    x = torch.randn(3, 4, dtype=torch.float64)
+    y_res = model(x)
+    model = odenet.swap_blocks(model, solver="euler", steps=1)  # ResBlock -> ResBlock: unchanged
+    torch.testing.assert_close(model(x), y_res, rtol=0, atol=0)
+
+    model = odenet.swap_blocks(model, solver="dopri5", rtol=1e-3, atol=1e-3)
+    assert isinstance(model[1], odenet.ODEBlock) and isinstance(model[2][0], odenet.ODEBlock)
+    assert model[1].f is f1 and model[2][0].f is f2  # same parameters
+    assert (model[1].t0, model[1].t1, model[2][0].t0, model[2][0].t1) == (0.0, 0.5, 0.5, 1.0)
+    y_ode = model(x)
+    assert (y_ode - y_res).abs().max() > 1e-6  # a different computation...
+
+    model = odenet.swap_blocks(model, solver="euler", steps=1)  # ...and back
+    assert isinstance(model[1], odenet.ResBlock) and model[1].h == 0.5 and model[2][0].t == 0.5
+    torch.testing.assert_close(model(x), y_res, rtol=0, atol=0)
+
+    model = odenet.swap_blocks(model, solver="euler", steps=4)  # Euler with 4 sub-steps per block
+    assert isinstance(model[1], odenet.ODEBlock) and model[1].options.steps == 4
+
+
+def test_swap_blocks_single_block_and_validation():
+    block = odenet.ResBlock(_f(), h=1.0)
+    ode = odenet.swap_blocks(block, solver="rk4", steps=3)
+    assert isinstance(ode, odenet.ODEBlock) and ode.f is block.f
+    with pytest.raises(ValueError, match="steps"):
+        odenet.swap_blocks(nn.Sequential(block), solver="dopri5", steps=3)
+
+
+def test_trajectory_shape_and_endpoints():
+    f = _f()
+    block = odenet.ODEBlock(f, solver="dopri5", rtol=1e-6, atol=1e-8)
+    x = torch.randn(7, 4, dtype=torch.float64)
+    t = torch.linspace(0, 1, 20, dtype=torch.float64)
+    ys = block.trajectory(x, t)
+    assert ys.shape == (20, 7, 4)
+    torch.testing.assert_close(ys[0], x, rtol=0, atol=0)
+    torch.testing.assert_close(ys[-1], block(x), rtol=1e-12, atol=1e-12)
+
+
+def test_state_dict_roundtrip_and_nesting():
+    model = nn.Sequential(nn.Linear(4, 4), odenet.ODEBlock(odenet.MLPDynamics(4, 8), solver="rk4", steps=2), nn.Linear(4, 2))
+    clone = nn.Sequential(nn.Linear(4, 4), odenet.ODEBlock(odenet.MLPDynamics(4, 8), solver="rk4", steps=2), nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    clone.load_state_dict(model.state_dict())
+    torch.testing.assert_close(clone(x), model(x))
+    assert any(k.startswith("1.f.") for k in model.state_dict())
+
+
+def test_deepcopy_pickle_and_torch_save():
+    block = odenet.ODEBlock(odenet.MLPDynamics(3, 8), solver="dopri5", rtol=1e-4, atol=1e-4, gradient="adjoint")
+    x = torch.randn(2, 3)
+    y = block(x)
+    for other in (copy.deepcopy(block), pickle.loads(pickle.dumps(block))):
+        torch.testing.assert_close(other(x), y)
+        assert other.options == block.options
+    buf = io.BytesIO()
+    torch.save(block, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(loaded(x), y)
+
+
+def test_to_dtype_moves_block():
+    block = odenet.ODEBlock(odenet.MLPDynamics(3, 8), solver="rk4", steps=2).to(torch.float64)
+    y = block(torch.randn(2, 3, dtype=torch.float64))
+    assert y.dtype == torch.float64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda():
+    block = odenet.ODEBlock(odenet.MLPDynamics(3, 8), solver="dopri5", rtol=1e-5, atol=1e-5, gradient="adjoint").cuda()
+    x = torch.randn(4, 3, device="cuda", requires_grad=True)
+    block(x).sum().backward()
+    assert x.grad.device.type == "cuda" and block.last_stats.nfe_backward > 0
+
+
+def test_conv_dynamics_block():
+    f = odenet.ConvDynamics(channels=8)
+    block = odenet.ODEBlock(f, solver="rk4", steps=2, gradient="checkpoint")
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    y = block(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad is not None and f.conv1.conv.weight.grad is not None
+
+
+def test_last_stats_backward_counts_fill_in():
+    block = odenet.ODEBlock(odenet.MLPDynamics(3, 8), solver="dopri5", rtol=1e-4, atol=1e-4, gradient="adjoint")
+    x = torch.randn(4, 3, requires_grad=True)
+    y = block(x)
+    stats = block.last_stats
+    assert stats.nfe_forward > 0 and stats.nfe_backward == 0
+    y.sum().backward()
+    assert stats.nfe_backward > 0 and stats.n_accepted_backward > 0
+
+
+def test_block_repr():
+    block = odenet.ODEBlock(odenet.MLPDynamics(2), solver="dopri5", rtol=1e-3, atol=1e-4, gradient="adjoint")
+    text = repr(block)
+    assert "dopri5" in text and "rtol=0.001" in text and "adjoint" in text
+    assert "h=0.5" in repr(odenet.ResBlock(odenet.MLPDynamics(2), h=0.5))

@@ -1,0 +1,178 @@
+"""Every error path: the exception type, and that the message names the offending value."""
+
+import math
+
+import pytest
+import torch
+
+import odenet
+
+
+def f_ok(t, y):
+    return -y
+
+
+Y0 = torch.ones(3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(solver="rk45"), ValueError, "'rk45'"),
+        (dict(solver=3), TypeError, "int"),
+        (dict(rtol=0.0), ValueError, "rtol.*0.0"),
+        (dict(atol=-1e-3), ValueError, "atol.*-0.001"),
+        (dict(rtol=float("nan")), ValueError, "rtol.*nan"),
+        (dict(rtol="1e-3"), TypeError, "rtol.*'1e-3'"),
+        (dict(solver="dopri5", steps=10), ValueError, "steps=.*'dopri5' is adaptive"),
+        (dict(solver="tsit5", step_size=0.1), ValueError, "step_size=.*'tsit5'"),
+        (dict(solver="rk4", rtol=1e-3), ValueError, "rtol=.*'rk4' takes fixed steps"),
+        (dict(solver="euler", max_steps=10), ValueError, "max_steps=.*'euler'"),
+        (dict(solver="euler", steps=0), ValueError, "steps.*0"),
+        (dict(solver="euler", steps=2.5), TypeError, "steps.*2.5"),
+        (dict(solver="euler", steps=2, step_size=0.1), ValueError, "not both"),
+        (dict(gradient="backprop"), ValueError, "'backprop'"),
+        (dict(backend="jax"), ValueError, "'jax'"),
+        (dict(max_steps=0), ValueError, "max_steps.*0"),
+        (dict(first_step=-0.1), ValueError, "first_step.*-0.1"),
+        (dict(gradient="direct", adjoint_rtol=1e-3), ValueError, "adjoint_rtol.*'direct'"),
+        (dict(backend="torchdiffeq", gradient="checkpoint"), ValueError, "checkpoint"),
+        (dict(backend="torchdiffeq", solver="nope"), ValueError, "'nope'"),
+        (dict(min_step=0.5, first_step=0.1), ValueError, "first_step=0.1 is below min_step=0.5"),
+    ],
+)
+def test_bad_options(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        odenet.odeint(f_ok, Y0, [0.0, 1.0], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "t, exc, match",
+    [
+        ([0.0, 1.0, 0.5], ValueError, r"t\[1\]=1.0 and t\[2\]=0.5"),
+        ([0.0, 0.0], ValueError, r"t\[0\]=0.0 and t\[1\]=0.0"),
+        ([0.0], ValueError, r"at least two.*\[0.0\]"),
+        ([0.0, math.inf], ValueError, "finite.*inf"),
+        (torch.zeros(2, 2), ValueError, r"one-dimensional.*\(2, 2\)"),
+        ("abc", TypeError, "'abc'"),
+    ],
+)
+def test_bad_times(t, exc, match):
+    with pytest.raises(exc, match=match):
+        odenet.odeint(f_ok, Y0, t)
+
+
+def test_bad_state_and_function():
+    with pytest.raises(TypeError, match="floating-point.*torch.int64"):
+        odenet.odeint(f_ok, torch.ones(3, dtype=torch.long), [0.0, 1.0])
+    with pytest.raises(TypeError, match="list"):
+        odenet.odeint(f_ok, [1.0, 2.0], [0.0, 1.0])
+    with pytest.raises(TypeError, match="callable"):
+        odenet.odeint("f", Y0, [0.0, 1.0])
+
+
+def test_f_wrong_shape_and_dtype():
+    with pytest.raises(ValueError, match=r"shape \(3,\).*returned shape \(1,\)"):
+        odenet.odeint(lambda t, y: y.sum(0, keepdim=True), Y0, [0.0, 1.0])
+    with pytest.raises(TypeError, match="dtype torch.float32.*torch.float64"):
+        odenet.odeint(lambda t, y: y.double(), Y0, [0.0, 1.0])
+    with pytest.raises(TypeError, match="returned tuple"):
+        odenet.odeint(lambda t, y: (y,), Y0, [0.0, 1.0], solver="euler")
+
+
+def test_block_construction_errors():
+    f = odenet.MLPDynamics(3)
+    with pytest.raises(ValueError, match="'dopri5' is adaptive"):
+        odenet.ODEBlock(f, solver="dopri5", steps=6)
+    with pytest.raises(ValueError, match="'euler' takes fixed steps"):
+        odenet.ODEBlock(f, solver="euler", rtol=1e-3)
+    with pytest.raises(TypeError, match="nn.Module"):
+        odenet.ODEBlock(lambda t, x: x)
+    with pytest.raises(ValueError, match="t0 = t1 = 1.0"):
+        odenet.ODEBlock(f, t0=1.0, t1=1.0)
+    with pytest.raises(ValueError, match="h must be non-zero"):
+        odenet.ResBlock(f, h=0.0)
+    with pytest.raises(ValueError, match="activation 'gelu2'"):
+        odenet.MLPDynamics(3, activation="gelu2")
+    with pytest.raises(ValueError, match="last axis is 5"):
+        f(torch.tensor(0.0), torch.ones(2, 5))
+
+
+# ---------------------------------------------------------------- solver failures
+
+
+def test_max_steps_raises_with_stats_and_message():
+    with pytest.raises(odenet.SolverError, match="max_steps=5") as info:
+        odenet.odeint(lambda t, y: torch.cos(50 * t) * y, Y0, [0.0, 10.0], rtol=1e-10, atol=1e-10, max_steps=5)
+    err = info.value
+    assert isinstance(err, RuntimeError)
+    assert err.status is odenet.Status.MAX_STEPS
+    assert err.stats.n_accepted + err.stats.n_rejected == 5 and err.stats.nfe_forward > 0
+    assert "Increase max_steps" in str(err)
+    assert err.solution is not None and torch.isnan(err.solution.ys[-1]).all()
+
+
+def test_throw_false_returns_status():
+    sol = odenet.odeint(lambda t, y: torch.cos(50 * t) * y, Y0, [0.0, 10.0], rtol=1e-10, atol=1e-10, max_steps=5, throw=False)
+    assert not sol.success and sol.status is odenet.Status.MAX_STEPS and "max_steps" in sol.message
+    ok = odenet.odeint(f_ok, Y0, [0.0, 1.0])
+    assert ok.success and ok.status is odenet.Status.SUCCESS
+
+
+def test_step_size_underflow():
+    """y' = y^2 blows up at t = 1 for y0 = 1: the step size collapses before it."""
+    y0 = torch.ones(1, dtype=torch.float64)
+    with pytest.raises(odenet.SolverError, match="step size fell") as info:
+        odenet.odeint(lambda t, y: y**2, y0, [0.0, 2.0], rtol=1e-6, atol=1e-6, min_step=1e-4)
+    assert info.value.status is odenet.Status.STEP_UNDERFLOW
+    assert "min_step=0.0001" in str(info.value)
+    assert info.value.solution.ys.shape == (2, 1)
+
+
+def test_nonfinite_initial_state():
+    with pytest.raises(odenet.SolverError, match="non-finite") as info:
+        odenet.odeint(f_ok, torch.tensor([1.0, float("nan")]), [0.0, 1.0])
+    assert info.value.status is odenet.Status.NONFINITE
+
+
+def test_nonfinite_during_solve_adaptive_terminates():
+    """f returns NaN beyond t = 0.5: steps keep being rejected, then a clear failure (no hang)."""
+
+    def f(t, y):
+        return -y if float(t) < 0.5 else y * float("nan")
+
+    sol = odenet.odeint(f, Y0, [0.0, 1.0], rtol=1e-6, atol=1e-6, throw=False)
+    assert sol.status is odenet.Status.NONFINITE
+    assert sol.stats.nfe_forward < 2000
+    assert "NaN" in sol.message
+
+
+def test_nonfinite_fixed_step():
+    sol = odenet.odeint(lambda t, y: y * 1e300, torch.ones(2, dtype=torch.float64), [0.0, 1.0], solver="euler", steps=5, throw=False)
+    assert sol.status is odenet.Status.NONFINITE
+
+
+def test_torchdiffeq_backend_max_steps():
+    with pytest.raises(odenet.SolverError) as info:
+        odenet.odeint(lambda t, y: torch.cos(50 * t) * y, Y0, [0.0, 10.0], rtol=1e-10, atol=1e-10, max_steps=5, backend="torchdiffeq")
+    assert info.value.status is odenet.Status.MAX_STEPS
+
+
+def test_adjoint_backward_failure_is_a_solver_error():
+    f = torch.nn.Linear(3, 3)
+
+    class F(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = f
+            self.backward_pass = False
+
+        def forward(self, t, y):
+            return self.lin(y) * (50.0 if self.backward_pass else 1.0) * torch.cos(50 * t)
+
+    func = F()
+    y0 = torch.ones(2, 3, requires_grad=True)
+    sol = odenet.odeint(func, y0, [0.0, 1.0], rtol=1e-6, atol=1e-6, gradient="adjoint", max_steps=60)
+    func.backward_pass = True  # make the backward problem much harder than the forward one
+    with pytest.raises(odenet.SolverError, match="adjoint .*backward.*max_steps=60"):
+        sol.ys[-1].sum().backward()

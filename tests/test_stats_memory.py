@@ -1,0 +1,85 @@
+"""NFE counting against a counting f, and activation memory of the three gradient methods."""
+
+import pytest
+import torch
+
+import odenet
+from odenet.measure import saved_tensors
+
+from conftest import CountingF
+
+
+@pytest.mark.parametrize("solver", odenet.SOLVERS)
+def test_forward_nfe_equals_calls(solver):
+    f = CountingF()
+    y0 = torch.randn(4, 3, dtype=torch.float64)
+    kw = dict(rtol=1e-6, atol=1e-6) if odenet.solvers.SOLVERS[solver]().adaptive else dict(steps=7)
+    sol = odenet.odeint(f, y0, torch.linspace(0, 1, 5, dtype=torch.float64), solver=solver, **kw)
+    assert sol.stats.nfe_forward == f.calls > 0
+    assert sol.stats.nfe_backward == 0
+    assert sol.stats.n_accepted > 0 and sol.stats.n_rejected >= 0
+    if not kw.get("rtol"):
+        stages = odenet.solvers.SOLVERS[solver]().tableau.stages
+        assert sol.stats.n_accepted == 7 and f.calls == 7 * stages
+
+
+def test_fsal_reuses_last_stage():
+    """dopri5 has 7 stages but costs 6 evaluations per step after the first (FSAL)."""
+    f = CountingF()
+    sol = odenet.odeint(f, torch.randn(2, 3, dtype=torch.float64), [0.0, 1.0], solver=odenet.solvers.Dopri5(adaptive=False), steps=5)
+    assert sol.stats.nfe_forward == 1 + 5 * 6
+
+
+@pytest.mark.parametrize("gradient", ["direct", "adjoint", "checkpoint"])
+def test_backward_nfe_counted(gradient):
+    f = CountingF()
+    y0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    sol = odenet.odeint(f, y0, [0.0, 1.0], solver="dopri5", rtol=1e-6, atol=1e-6, gradient=gradient)
+    forward_calls = f.calls
+    assert sol.stats.nfe_forward == forward_calls
+    sol.ys[-1].sum().backward()
+    backward_calls = f.calls - forward_calls
+    assert sol.stats.nfe_backward == backward_calls
+    if gradient == "direct":
+        assert backward_calls == 0
+    else:
+        assert backward_calls > 0
+    if gradient == "checkpoint":  # every accepted step recomputed, all 7 stages
+        assert backward_calls == 7 * sol.stats.n_accepted
+
+
+def _activation_bytes(gradient, steps, solver="rk4"):
+    f = odenet.MLPDynamics(8, 32).double()
+    x = torch.randn(64, 8, dtype=torch.float64, requires_grad=True)
+    with saved_tensors(exclude=f.parameters()) as saved:
+        y = odenet.odeint(f, x, [0.0, 1.0], solver=solver, steps=steps, gradient=gradient).ys[-1]
+    y.sum().backward()  # the graph must still work
+    return saved.bytes
+
+
+def test_adjoint_memory_flat_direct_linear():
+    state = 64 * 8 * 8  # bytes of one state
+    adj10, adj200 = _activation_bytes("adjoint", 10), _activation_bytes("adjoint", 200)
+    dir10, dir200 = _activation_bytes("direct", 10), _activation_bytes("direct", 200)
+    ck10, ck200 = _activation_bytes("checkpoint", 10), _activation_bytes("checkpoint", 200)
+    assert adj10 == adj200 <= 2 * state  # just the outputs y(t0), y(t1)
+    ratio = dir200 / dir10
+    assert 19 < ratio < 21, f"direct should grow linearly in steps, got ratio {ratio:.2f}"
+    assert dir10 > 10 * adj10
+    # checkpoint: one state per step boundary, nothing else
+    assert ck10 == 10 * state and ck200 == 200 * state
+
+
+def test_adjoint_memory_flat_adaptive():
+    """Under an adaptive solver, more steps (tighter tolerance) do not cost the adjoint memory."""
+    f = odenet.MLPDynamics(8, 32).double()
+    x = torch.randn(32, 8, dtype=torch.float64, requires_grad=True)
+    out = {}
+    for tol in (1e-3, 1e-8):
+        for gradient in ("adjoint", "direct"):
+            with saved_tensors(exclude=f.parameters()) as saved:
+                sol = odenet.odeint(f, x, [0.0, 1.0], solver="dopri5", rtol=tol, atol=tol, gradient=gradient)
+            out[tol, gradient] = (saved.bytes, sol.stats.nfe_forward)
+    assert out[1e-8, "adjoint"][1] > 2 * out[1e-3, "adjoint"][1]
+    assert out[1e-8, "adjoint"][0] == out[1e-3, "adjoint"][0]
+    assert out[1e-8, "direct"][0] > 2 * out[1e-3, "direct"][0]
