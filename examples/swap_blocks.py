@@ -1,7 +1,6 @@
 """The README example: one f, trained as a ResNet, evaluated as an ODE, and back."""
 import torch
 from torch import nn
-
 import odenet
 
 torch.manual_seed(0)
