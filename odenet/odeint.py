@@ -257,8 +257,10 @@ def _module_params(f, adjoint_params) -> Tuple[Tensor, ...]:
     return ()
 
 
-def _finish(opts: SolveOptions, t_tensor: Tensor, ys: Tensor, stats: SolveStats, status: Status, message: str) -> Solution:
-    sol = Solution(ts=t_tensor, ys=ys, stats=stats, status=status, message=message)
+def _finish(
+    opts: SolveOptions, t_tensor: Tensor, ys: Tensor, stats: SolveStats, status: Status, message: str, steps=()
+) -> Solution:
+    sol = Solution(ts=t_tensor, ys=ys, stats=stats, status=status, message=message, steps=list(steps))
     if status is not Status.SUCCESS and opts.throw:
         raise SolverError(message, status, stats, sol)
     return sol
@@ -296,7 +298,7 @@ def _solve_odenet(f, y0: Tensor, t_tensor: Tensor, ts: List[float], opts: SolveO
     finally:
         fc.backward = True  # any later call of f is part of the backward pass
     message = res.status.message(res.t, res.h, opts.max_steps or 0, opts.min_step)
-    return _finish(opts, t_tensor, ys, stats, res.status, message)
+    return _finish(opts, t_tensor, ys, stats, res.status, message, res.steps)
 
 
 def _solve_torchdiffeq(f, y0: Tensor, t_tensor: Tensor, ts: List[float], opts: SolveOptions, adjoint_params) -> Solution:

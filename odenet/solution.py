@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import List
 
 from torch import Tensor
 
+from .solvers.integrate import StepInfo
 from .solvers.stats import SolveStats
 from .solvers.status import SolverError, Status
 
-__all__ = ["Solution", "SolveStats", "SolverError", "Status"]
+__all__ = ["Solution", "SolveStats", "SolverError", "Status", "StepInfo"]
 
 
 @dataclass
@@ -25,6 +27,8 @@ class Solution:
       step size). Its backward counts fill in when gradients are computed.
     - `status`: a :class:`Status`; `Status.SUCCESS` unless the solver failed.
     - `message`: what happened and, on failure, what to try.
+    - `steps`: every step attempted by the forward solve, as `StepInfo(t, h, accepted)`
+      (start time, signed step size, accepted or rejected); empty for the torchdiffeq backend.
     """
 
     ts: Tensor
@@ -32,6 +36,7 @@ class Solution:
     stats: SolveStats
     status: Status
     message: str
+    steps: List[StepInfo] = field(default_factory=list)
 
     @property
     def success(self) -> bool:

@@ -83,3 +83,14 @@ def test_adjoint_memory_flat_adaptive():
     assert out[1e-8, "adjoint"][1] > 2 * out[1e-3, "adjoint"][1]
     assert out[1e-8, "adjoint"][0] == out[1e-3, "adjoint"][0]
     assert out[1e-8, "direct"][0] > 2 * out[1e-3, "direct"][0]
+
+
+def test_solution_records_steps():
+    sol = odenet.odeint(
+        lambda t, y: torch.cos(5 * t) * y, torch.ones(2, dtype=torch.float64), [0.0, 3.0], rtol=1e-6, atol=1e-6
+    )
+    accepted = [s for s in sol.steps if s.accepted]
+    assert len(accepted) == sol.stats.n_accepted and len(sol.steps) == sol.stats.n_accepted + sol.stats.n_rejected
+    for a, b in zip(accepted, accepted[1:]):  # accepted steps tile [0, 3]
+        assert b.t == pytest.approx(a.t + a.h, abs=1e-12)
+    assert accepted[0].t == 0.0 and accepted[-1].t + accepted[-1].h == pytest.approx(3.0)

@@ -20,7 +20,7 @@ from .rk import ExplicitRK
 from .stats import SolveStats
 from .status import Status
 
-__all__ = ["CountedFunc", "StepRecord", "LoopResult", "integrate", "rms_norm"]
+__all__ = ["CountedFunc", "StepRecord", "StepInfo", "LoopResult", "integrate", "rms_norm"]
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -79,12 +79,26 @@ class StepRecord(NamedTuple):
     outputs: Tuple[Tuple[int, Optional[float]], ...]  # (output index, θ or None for the step's end)
 
 
+class StepInfo(NamedTuple):
+    """One attempted step: start time, signed step size, and whether it was accepted."""
+
+    t: float
+    h: float
+    accepted: bool
+
+
 class LoopResult(NamedTuple):
     ys: List[Tensor]
     status: Status
     t: float
     h: float
     records: Optional[List[StepRecord]]
+    steps: List[StepInfo]
+
+
+def _capturing(y: Tensor) -> bool:
+    """True while a CUDA graph is being captured (no host reads allowed then)."""
+    return y.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _initial_step(f, t0: float, y0: Tensor, k0: Tensor, direction: float, order: int, rtol, atol, norm, span: float) -> float:
@@ -135,6 +149,7 @@ def integrate(
     outputs: List[Optional[Tensor]] = [None] * n_out
     outputs[0] = y0
     records: Optional[List[StepRecord]] = [] if record else None
+    log: List[StepInfo] = []
     t_end = ts[-1]
     direction = 1.0 if t_end > ts[0] else -1.0
     tab = solver.tableau
@@ -196,6 +211,7 @@ def integrate(
                 factor = controller.factor(ratio, prev_ratio, accepted, k_exp)
         else:
             accepted = True
+        log.append(StepInfo(t, h, accepted))
 
         if accepted:
             produced = []
@@ -227,7 +243,7 @@ def integrate(
                     break
             h = h_new
 
-    if not adaptive and status is Status.SUCCESS:
+    if not adaptive and status is Status.SUCCESS and not _capturing(y):
         with torch.no_grad():
             if not bool(torch.isfinite(y).all()):  # one sync per solve on the fixed-step path
                 status = Status.NONFINITE
@@ -235,4 +251,4 @@ def integrate(
     if status is not Status.SUCCESS:
         nan = torch.full_like(y0, float("nan"))
         outputs = [o if o is not None else nan for o in outputs]
-    return LoopResult(outputs, status, t, h, records)
+    return LoopResult(outputs, status, t, h, records, log)
