@@ -234,14 +234,10 @@ def integrate(
             stats.n_rejected += 1
 
         if adaptive:
-            h_new = h * factor
-            if not accepted or nxt < n_out:
-                too_small = abs(h_new) < (min_step or 0.0) or t + h_new == t
-                if too_small and not accepted:
-                    status = Status.NONFINITE if not math.isfinite(ratio) else Status.STEP_UNDERFLOW
-                    h = h_new
-                    break
-            h = h_new
+            h = h * factor
+            # Only a rejection can shrink the step below what is usable: fail rather than spin.
+            if not accepted and (abs(h) < (min_step or 0.0) or t + h == t):
+                status = Status.STEP_UNDERFLOW if math.isfinite(ratio) else Status.NONFINITE
 
     if not adaptive and status is Status.SUCCESS and not _capturing(y):
         with torch.no_grad():
