@@ -25,7 +25,7 @@ __all__ = ["CountedFunc", "StepRecord", "StepInfo", "LoopResult", "integrate", "
 
 def rms_norm(x: Tensor) -> Tensor:
     """Root-mean-square over all elements (the batch is one state)."""
-    return x.pow(2).mean().sqrt()
+    return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
 
 
 class CountedFunc:
@@ -104,9 +104,8 @@ def _capturing(y: Tensor) -> bool:
 def _initial_step(f, t0: float, y0: Tensor, k0: Tensor, direction: float, order: int, rtol, atol, norm, span: float) -> float:
     """Starting step size (Hairer, Nørsett & Wanner, Solving ODEs I, II.4); one evaluation of f."""
     with torch.no_grad():
-        scale = atol + rtol * y0.abs()
-        d0 = float(norm(y0 / scale))
-        d1 = float(norm(k0 / scale))
+        scale = y0.abs().mul_(rtol).add_(atol)
+        d0, d1 = torch.stack([norm(y0 / scale), norm(k0 / scale)]).tolist()  # one host read
         h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
         h0 = min(h0, span)
         y1 = torch.add(y0, k0, alpha=direction * h0)
@@ -166,8 +165,8 @@ def integrate(
         controller = controller or PIController()
         k_exp = controller.exponent_order(tab.error_order)
         k1 = f(t, y)
-        with torch.no_grad():
-            finite = bool(torch.isfinite(y).all() & torch.isfinite(k1).all())
+        with torch.no_grad():  # a NaN/inf anywhere makes the sum non-finite: one cheap reduction
+            finite = bool(torch.isfinite(y.sum() + k1.sum()))
         if not finite:
             status = Status.NONFINITE
         else:
@@ -200,7 +199,7 @@ def integrate(
         if adaptive:
             with torch.no_grad():
                 scale = torch.maximum(y.abs(), res.y1.abs()).mul_(rtol).add_(atol)
-                ratio = float(norm(res.error / scale))  # the one host sync per step
+                ratio = float(norm(res.error.div_(scale)))  # the one host sync per step
             if controller.error_per_unit_step:
                 ratio /= abs(h)
             if not math.isfinite(ratio):

@@ -158,7 +158,10 @@ class ExplicitRK:
         else:
             y1 = _combine(y, h, self._b, ks)
             k_next = None
-        error = _lincomb(h, self._err, ks) if (with_error and self.adaptive and self._err) else None
+        error = None
+        if with_error and self.adaptive and self._err:
+            with torch.no_grad():  # only step-size control reads it; never differentiated
+                error = _lincomb(h, self._err, ks)
         return StepResult(y1, error, ks, k_next)
 
     def interpolate(self, y0: Tensor, h: float, ks: List[Tensor], theta: float) -> Tensor:
@@ -258,6 +261,9 @@ SOLVERS = {
 }
 
 
+_DEFAULT_INSTANCES: dict = {}
+
+
 def get_solver(solver) -> ExplicitRK:
     """Turn a name from :data:`SOLVERS` or an :class:`ExplicitRK` instance into a solver.
 
@@ -267,12 +273,16 @@ def get_solver(solver) -> ExplicitRK:
         return solver
     if isinstance(solver, str):
         try:
-            return SOLVERS[solver.lower()]()
+            cls = SOLVERS[solver.lower()]
         except KeyError:
             raise ValueError(
                 f"Unknown solver {solver!r}. Choose one of {sorted(SOLVERS)} "
                 "(odenet.SOLVERS), or pass a solver object such as odenet.solvers.Dopri5()."
             ) from None
+        # Solvers are stateless, so one instance per name serves every solve.
+        if cls not in _DEFAULT_INSTANCES:
+            _DEFAULT_INSTANCES[cls] = cls()
+        return _DEFAULT_INSTANCES[cls]
     raise TypeError(
         f"solver must be a name from odenet.SOLVERS or an odenet.solvers.ExplicitRK instance, "
         f"got {type(solver).__name__}."
