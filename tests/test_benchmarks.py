@@ -1,0 +1,182 @@
+"""Smoke test of benchmarks/bench_solvers.py: its smallest configuration runs in seconds and
+writes JSON and markdown with the fields the docs and the lead's tables rely on.
+
+Timings are not checked (this is not a timed test); counts, structure and the memory
+behaviour that does not depend on the machine are.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_solvers.py"
+
+RECORD_FIELDS = {
+    "mode", "size", "size_label", "solver", "library", "gradient", "steps", "seminorm", "train", "t_end",
+    "nfe_forward", "nfe_forward_graph", "nfe_backward", "n_accepted", "n_rejected", "n_accepted_backward", "n_rejected_backward",
+    "time_s", "times_s", "t_f_s", "t_fb_s", "floor_s", "overhead", "ratio_to", "host_reads", "host_reads_per_step",
+    "saved_bytes", "cuda_peak_bytes", "y_rel_diff_vs_ref", "grad_rel_diff_vs_ref", "error",
+}
+ENV_FIELDS = {"command", "cpu_model", "threads", "device", "torch", "odenet", "torchdiffeq", "torchode", "date"}
+MODES = ("forward", "train-direct", "train-adjoint", "train-checkpoint", "fixed", "memory", "seminorm")
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_solvers", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_solvers"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load()
+
+
+@pytest.fixture(scope="module")
+def quick(bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "quick"
+    argv = ["--quick", "--out", str(out), "--repeats", "1", "--f-time", "0.01"]
+    result = bench.main(argv)
+    data = json.loads(out.with_suffix(".json").read_text())
+    md = out.with_suffix(".md").read_text()
+    return result, data, md
+
+
+def check_output(data: dict) -> None:
+    """Everything the smoke test requires of the JSON; raises AssertionError otherwise."""
+    assert {"environment", "config", "sizes", "results", "summary"} <= set(data), sorted(data)
+    assert ENV_FIELDS <= set(data["environment"]), ENV_FIELDS - set(data["environment"])
+    assert data["environment"]["threads"] == 1
+    for name, size in data["sizes"].items():
+        assert size["t_f_s"] > 0 and size["t_fb_s"] > 0, (name, size)
+    rows = data["results"]
+    assert rows, "no results"
+    for r in rows:
+        missing = RECORD_FIELDS - set(r)
+        assert not missing, (r.get("mode"), r.get("library"), missing)
+    modes = {r["mode"] for r in rows}
+    assert set(MODES) <= modes, set(MODES) - modes
+
+    for r in rows:
+        if r["library"] == "odenet":  # odenet must run every case
+            assert r["error"] is None, (r["mode"], r["solver"], r["gradient"], r["error"])
+        if r["error"] is None:
+            assert r["time_s"] is not None and r["time_s"] > 0, r
+            assert r["nfe_forward"] and r["nfe_forward"] > 0, r
+            assert r["n_accepted"] and r["n_accepted"] > 0, r
+
+    fwd = [r for r in rows if r["mode"] == "forward"]
+    assert {r["library"] for r in fwd} == {"odenet", "torchdiffeq", "torchode"}
+    for r in fwd:
+        assert r["error"] is None, (r["library"], r["error"])
+        assert math.isclose(r["overhead"], r["time_s"] / (r["nfe_forward"] * r["t_f_s"]), rel_tol=1e-9)
+        assert r["host_reads"] is not None
+        if r["library"] != "odenet":  # same problem: states agree to the tolerance
+            assert r["y_rel_diff_vs_ref"] < 1e-2, r
+            assert set(r["ratio_to"]) == {"odenet", "torchdiffeq", "torchode"} - {r["library"]}
+
+    for mode in ("train-direct", "train-adjoint", "train-checkpoint"):
+        ode = [r for r in rows if r["mode"] == mode and r["library"] == "odenet"]
+        assert ode and all(r["saved_bytes"] is not None and r["overhead"] > 0 for r in ode), mode
+    adj = [r for r in rows if r["mode"] == "train-adjoint" and r["library"] == "odenet"]
+    assert all(r["nfe_backward"] > 0 for r in adj)
+    for r in rows:  # which forward evaluations were recorded for backprop (the training floor uses it)
+        if r["mode"].startswith("train-") and r["library"] == "odenet":
+            expect_graph = r["gradient"] == "direct"
+            assert (r["nfe_forward_graph"] > 0) == expect_graph, (r["mode"], r["nfe_forward_graph"])
+    for r in rows:
+        if r["mode"].startswith("train-") and r["library"] != "odenet" and r["error"] is None:
+            assert r["grad_rel_diff_vs_ref"] < 1e-2, (r["mode"], r["library"], r["grad_rel_diff_vs_ref"])
+
+    fixed = [r for r in rows if r["mode"] == "fixed"]
+    libs = {r["library"] for r in fixed}
+    assert {"odenet", "hand"} <= libs, libs
+    for r in fixed:
+        if r["library"] == "odenet":
+            assert "hand" in r["ratio_to"], r
+            assert r["nfe_forward"] == r["steps"] * (1 if r["solver"] == "euler" else 4), r
+            assert r["host_reads_per_step"] is not None
+
+    mem = [r for r in rows if r["mode"] == "memory" and r["library"] == "odenet"]
+    steps = sorted({r["steps"] for r in mem})
+    assert len(steps) >= 2
+    by = {(r["gradient"], r["steps"]): r["saved_bytes"] for r in mem}
+    lo, hi = steps[0], steps[-1]
+    assert by[("adjoint", lo)] == by[("adjoint", hi)], "adjoint activation memory must not grow with steps"
+    assert by[("direct", hi)] > by[("direct", lo)], "direct activation memory must grow with steps"
+    assert 0 < by[("checkpoint", hi)] - by[("checkpoint", lo)] < by[("direct", hi)] - by[("direct", lo)]
+
+    semi = [r for r in rows if r["mode"] == "seminorm"]
+    assert {(r["library"], r["seminorm"]) for r in semi} >= {("odenet", False), ("odenet", True)}
+    assert all(r["nfe_backward"] > 0 for r in semi if r["error"] is None)
+    assert "targets" in data["summary"] and "seminorm_median_reduction" in data["summary"]
+
+
+def test_quick_run_writes_complete_json(quick):
+    result, data, _ = quick
+    check_output(data)
+    assert len(result["results"]) == len(data["results"])
+
+
+def test_quick_run_writes_markdown_tables(quick):
+    _, data, md = quick
+    for heading in ("## Forward solve", "## Training step", "## Fixed step", "## Activation memory",
+                    "## Seminorm adjoint", "## Time of one f"):
+        assert heading in md, heading
+    assert data["environment"]["command"] in md
+    assert "| odenet |" in md
+
+
+def test_check_output_rejects_broken_results(quick):
+    """The checker above must be able to fail: it rejects a missing field, a failed odenet
+    case and an adjoint whose memory grows."""
+    _, data, _ = quick
+    broken = copy.deepcopy(data)
+    del broken["results"][0]["overhead"]
+    with pytest.raises(AssertionError):
+        check_output(broken)
+    broken = copy.deepcopy(data)
+    next(r for r in broken["results"] if r["library"] == "odenet")["error"] = "RuntimeError: boom"
+    with pytest.raises(AssertionError):
+        check_output(broken)
+    broken = copy.deepcopy(data)
+    rows = [r for r in broken["results"] if r["mode"] == "memory" and r["library"] == "odenet" and r["gradient"] == "adjoint"]
+    rows[-1]["saved_bytes"] += 1
+    with pytest.raises(AssertionError):
+        check_output(broken)
+
+
+def test_every_flag_has_help(bench, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--sizes", "--modes", "--solvers", "--repeats", "--threads", "--device", "--out", "--quick",
+                 "--fixed-steps", "--memory-steps", "--compile", "--libraries"):
+        assert flag in text, flag
+    parser_actions = [a for a in bench.build_parser()._actions if a.option_strings]
+    assert all(a.help for a in parser_actions), [a.option_strings for a in parser_actions if not a.help]
+
+
+@pytest.mark.parametrize("argv", [["--sizes", "huge"], ["--modes", "forward,bogus"], ["--solvers", "euler"],
+                                  ["--repeats", "0"], ["--libraries", "torchdiffeq"]])
+def test_bad_arguments_are_rejected(bench, argv):
+    with pytest.raises((SystemExit, ValueError)):
+        bench.parse_args(argv + ["--no-write"])
+
+
+def test_size_specs(bench):
+    s = bench.parse_size("mlp:8x3x5")
+    assert (s.kind, s.shape, s.hidden) == ("mlp", (8, 3), 5)
+    s = bench.parse_size("conv:2x4x6x6")
+    assert (s.kind, s.shape, s.hidden) == ("conv", (2, 4, 6, 6), 4)
+    assert bench.parse_size("medium").shape == (256, 64)
