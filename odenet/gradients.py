@@ -67,7 +67,9 @@ class _AdjointFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, box: _Box, y0: Tensor, *params: Tensor) -> Tensor:
         with torch.no_grad():
-            res = integrate(box.fc, y0, box.ts, box.solver, **box.loop_kw)
+            # A detached start: f may differentiate with respect to its input (RNODE, FFJORD),
+            # which fails on a tensor that only looks like a graph leaf under no_grad.
+            res = integrate(box.fc, y0.detach(), box.ts, box.solver, **box.loop_kw)
         box.result = res
         ys = torch.stack(res.ys)
         ctx.box = box
@@ -148,7 +150,7 @@ class _CheckpointFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, box: _Box, y0: Tensor, *params: Tensor) -> Tensor:
         with torch.no_grad():
-            res = integrate(box.fc, y0, box.ts, box.solver, record=True, **box.loop_kw)
+            res = integrate(box.fc, y0.detach(), box.ts, box.solver, record=True, **box.loop_kw)
         box.result = res
         ctx.box = box
         ctx.n_params = len(params)

@@ -144,3 +144,25 @@ def test_float32_gradients():
         sol = odenet.odeint(f, y0, [0.0, 1.0], solver="dopri5", rtol=1e-5, atol=1e-6, gradient=g)
         (gy,) = torch.autograd.grad(sol.ys[-1].sum(), y0)
         assert gy.dtype == torch.float32 and torch.isfinite(gy).all()
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "checkpoint"])
+def test_f_may_differentiate_its_input(gradient):
+    """f that takes d/dx inside (as RNODE/FFJORD do) works in the no-grad forward of adjoint/checkpoint."""
+
+    class GradF(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+
+        def forward(self, t, z):
+            x = z[:2]  # sliced before enabling grad, as augmented dynamics do
+            with torch.enable_grad():
+                x_ = x if x.requires_grad else x.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad((self.w * x_**2).sum() / 2, x_, create_graph=True)
+            return torch.cat([-g, torch.zeros_like(z[2:])])  # = -w x, and a constant
+
+    y0 = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    sol = odenet.odeint(GradF(), y0, [0.0, 1.0], rtol=1e-9, atol=1e-9, gradient=gradient)
+    expected = torch.tensor([0.6065306597126334, 0.6065306597126334, 1.0], dtype=torch.float64)  # exp(-1/2)
+    torch.testing.assert_close(sol.ys[-1], expected, rtol=1e-7, atol=1e-9)
