@@ -2,11 +2,14 @@
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
-from . import solvers
+from . import measure, plotting, solvers
+from .augment import Augment
+from .regularization import RNODE
 from .blocks import ODEBlock, ResBlock, swap_blocks
 from .dynamics import ConvDynamics, MLPDynamics
 from .odeint import odeint
 from .solution import Solution, SolveStats, SolverError, Status
+from .citation import citation
 
 try:
     __version__ = _version("odenet")
@@ -30,4 +33,9 @@ __all__ = [
     "MLPDynamics",
     "ConvDynamics",
     "solvers",
+    "Augment",
+    "RNODE",
+    "plotting",
+    "measure",
+    "citation",
 ]

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .odeint import SolveOptions, make_options, solve_with_options
+from .regularization import RNODE, solve_regularized
 from .solution import Solution
 from .solvers.rk import ExplicitRK
 from .solvers.stats import SolveStats
@@ -83,6 +84,11 @@ class ODEBlock(nn.Module):
     - `rtol`, `atol`: adaptive solvers only; default `1e-3` each for blocks (a training
       setting, as in Chen et al. 2018), unlike `odeint`'s `1e-7`/`1e-9`.
     - `gradient`: `"direct"`, `"adjoint"` or `"checkpoint"` (see `odenet.odeint`).
+    - `regularization`: an `odenet.RNODE` (default `None`). In training mode `forward` then
+      also integrates the kinetic energy / Jacobian norm along the trajectory and stores the
+      weighted term, a differentiable scalar, in `last_regularization` (add it to the loss).
+      In eval mode, and in `solve`/`trajectory`, the plain ODE is solved and
+      `last_regularization` is `None`.
     - further keyword arguments (`first_step`, `min_step`, `max_steps`, `controller`,
       `adjoint_rtol`, `adjoint_atol`, `adjoint_seminorm`, `backend`, `throw`) as in `odenet.odeint`.
 
@@ -113,10 +119,18 @@ class ODEBlock(nn.Module):
         rtol: Optional[float] = None,
         atol: Optional[float] = None,
         gradient: str = "direct",
+        regularization: Optional[RNODE] = None,
         **kwargs,
     ):
         super().__init__()
         _check_dynamics(f)
+        if regularization is not None and not isinstance(regularization, RNODE):
+            raise TypeError(
+                f"regularization must be an odenet.RNODE or None, got {type(regularization).__name__}; "
+                "e.g. regularization=odenet.RNODE(kinetic=0.01, jacobian=0.01)."
+            )
+        self.regularization = regularization
+        self.last_regularization: Optional[Tensor] = None
         self.f = f
         self.t0 = _check_time("t0", t0)
         self.t1 = _check_time("t1", t1)
@@ -149,6 +163,12 @@ class ODEBlock(nn.Module):
         return sol
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.regularization is not None and self.training:
+            res = solve_regularized(self.f, x, (self.t0, self.t1), self.options, self.regularization)
+            self.last_stats = res.solution.stats
+            self.last_regularization = res.regularization
+            return res.solution.ys[-1]
+        self.last_regularization = None
         return self.solve(x).ys[-1]
 
     def trajectory(self, x: Tensor, t: Union[Tensor, Sequence[float]]) -> Tensor:
@@ -194,8 +214,8 @@ def swap_blocks(model: nn.Module, solver: Union[str, ExplicitRK] = "dopri5", **k
     ```
     """
     to_res = isinstance(solver, str) and solver == "euler" and kwargs.get("steps") == 1 and set(kwargs) <= {"steps"}
-    if not to_res:
-        make_options(solver, **{k: v for k, v in kwargs.items() if k not in ("t0", "t1")})  # fail before changing anything
+    if not to_res:  # fail before changing anything
+        make_options(solver, **{k: v for k, v in kwargs.items() if k not in ("t0", "t1", "regularization")})
 
     def convert(block: nn.Module) -> nn.Module:
         t0, t1 = _interval(block)

@@ -52,9 +52,14 @@ def saved_tensors(exclude: Iterable[Tensor] = ()) -> Iterator[SavedTensors]:
     **Example:**
 
     ```python
-    with odenet.measure.saved_tensors(exclude=block.parameters()) as saved:
+    import torch, odenet
+    from odenet.measure import saved_tensors
+
+    block = odenet.ODEBlock(odenet.MLPDynamics(dim=2), solver="rk4", steps=8)
+    x = torch.randn(32, 2)
+    with saved_tensors(exclude=block.parameters()) as saved:
         loss = block(x).square().sum()
-    saved.bytes
+    saved.bytes  # 8 steps x 4 stages of activations
     ```
     """
     tally = SavedTensors()

@@ -1,0 +1,937 @@
+"""Figures for continuous-depth networks: trajectories through depth, vector fields, step sizes, costs.
+
+Every function draws with matplotlib's object API and never touches pyplot's global state
+or calls `plt.show()`, so it works headless (the Agg backend, CI, servers) as well as in
+notebooks. Each takes an optional `ax` to draw into (its figure is returned) and otherwise
+makes a new `matplotlib.figure.Figure`; save it with `fig.savefig("name.png")`.
+
+| function | shows |
+|---|---|
+| :func:`plot_trajectories` | hidden states through depth (2-D/3-D, PCA for more dimensions); discrete residual states on top of the continuous ODE curve of the same `f` |
+| :func:`plot_vector_field` | a 2-D dynamics `f(t, x)` as streamlines or arrows, at one or several times |
+| :func:`plot_step_sizes` | the accepted and rejected steps of one solve and their sizes over `t` |
+| :func:`plot_nfe_over_training` | function evaluations per iteration during training |
+| :func:`plot_pareto` | accuracy against cost (NFE, memory, ...) with the Pareto front |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .blocks import ODEBlock, ResBlock
+from .odeint import _fixed_grid, make_options, solve_with_options
+from .solvers.stats import SolveStats
+
+__all__ = [
+    "plot_trajectories",
+    "plot_vector_field",
+    "plot_step_sizes",
+    "plot_nfe_over_training",
+    "plot_pareto",
+]
+
+# A qualitative palette (matplotlib's tab10) for classes and compared models.
+_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+
+
+# ---------------------------------------------------------------------------- figure helpers
+
+
+def _new_axes(ax, figsize: Tuple[float, float], projection: Optional[str] = None):
+    """`(figure, axes)`: the given axes and its figure, or a new Figure (no pyplot) with one axes."""
+    if ax is None:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=figsize, layout="constrained")
+        ax = fig.add_subplot(projection=projection)
+        return fig, ax
+    from matplotlib.axes import Axes
+
+    if not isinstance(ax, Axes):
+        raise TypeError(f"ax must be a matplotlib Axes (or None for a new figure), got {type(ax).__name__}.")
+    if projection == "3d" and getattr(ax, "name", "") != "3d":
+        raise ValueError(
+            "This plot is 3-D but ax is a 2-D Axes. Create it with fig.add_subplot(projection='3d'), "
+            "or pass ax=None."
+        )
+    if projection is None and getattr(ax, "name", "") == "3d":
+        raise ValueError("This plot is 2-D but ax is a 3-D Axes; pass a 2-D Axes or ax=None.")
+    return ax.get_figure(), ax
+
+
+def _style(ax) -> None:
+    """Light grid, no top/right spines: the house style of 2-D plots."""
+    ax.grid(True, color="0.9", linewidth=0.6, zorder=0)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+def _numpy(x) -> np.ndarray:
+    if isinstance(x, Tensor):
+        return x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=float)
+
+
+# ---------------------------------------------------------------------------- trajectories
+
+
+class _Segment:
+    """One block of depth: dynamics `f` over `[t0, t1]`, and how the model steps through it."""
+
+    def __init__(self, f, t0: float, t1: float, grid: Optional[List[float]], options, name: str):
+        self.f, self.t0, self.t1 = f, t0, t1
+        self.grid = grid  # the model's discrete step points, or None for an adaptive block
+        self.options = options  # how the model solves it (None for a ResBlock: one Euler step)
+        self.name = name
+
+
+def _segments(block) -> List[_Segment]:
+    if isinstance(block, ResBlock):
+        return [_Segment(block.f, block.t, block.t + block.h, [block.t, block.t + block.h], None, "euler")]
+    if isinstance(block, ODEBlock):
+        o = block.options
+        if o.adaptive:
+            return [_Segment(block.f, block.t0, block.t1, None, o, o.solver_name)]
+        grid = _fixed_grid([block.t0, block.t1], o.steps, o.step_size)
+        if o.steps is None and o.step_size is None:
+            grid = [block.t0, block.t1]  # one step over the block, as the block itself takes
+        stepper = dataclasses.replace(o, steps=None, step_size=None)  # one step per grid interval
+        return [_Segment(block.f, block.t0, block.t1, grid, stepper, o.solver_name)]
+    if isinstance(block, (nn.Sequential, nn.ModuleList)):
+        children = list(block)
+        bad = [type(c).__name__ for c in children if not isinstance(c, (ResBlock, ODEBlock))]
+        if not children or bad:
+            raise TypeError(
+                "plot_trajectories takes an ODEBlock, a ResBlock, or an nn.Sequential/ModuleList made only of "
+                f"those; this one holds {bad or 'nothing'}. Apply any other layers (e.g. odenet.Augment or an "
+                "input projection) to x first and pass the blocks alone."
+            )
+        return [s for c in children for s in _segments(c)]
+    raise TypeError(
+        f"block must be an odenet.ODEBlock, odenet.ResBlock, or an nn.Sequential of them, got {type(block).__name__}."
+    )
+
+
+def _trajectory_data(block, x: Tensor, n_points: int, reference: str, rtol: float, atol: float):
+    """Continuous curve (depth [M], states [M, B, ...]) and discrete states (depth [K], states [K, B, ...] or None)."""
+    segs = _segments(block)
+    total = sum(abs(s.t1 - s.t0) for s in segs)
+    ref_opts = make_options(reference, rtol=rtol, atol=atol)
+    depth0 = segs[0].t0
+    c_depth: List[np.ndarray] = []
+    c_states: List[Tensor] = []
+    d_depth: List[float] = [depth0]
+    d_states: List[Tensor] = [x]
+    any_discrete = any(s.grid is not None for s in segs)
+    yc, yd, s0 = x, x, depth0
+    with torch.no_grad():
+        for i, seg in enumerate(segs):
+            span = seg.t1 - seg.t0
+            m = max(8, int(round(n_points * abs(span) / total)))
+            frac = np.linspace(0.0, 1.0, m)
+            times = torch.tensor(seg.t0 + span * frac, dtype=torch.float64)
+            opts = ref_opts if seg.grid is not None else seg.options
+            ys = solve_with_options(seg.f, yc, times, opts).ys
+            keep = slice(0 if i == 0 else 1, None)  # the first point repeats the previous segment's end
+            c_depth.append((s0 + abs(span) * frac)[keep])
+            c_states.append(ys[keep])
+            yc = ys[-1]
+            if any_discrete:
+                if seg.grid is None:  # an adaptive block inside a discrete stack: the model's output
+                    yd = solve_with_options(seg.f, yd, (seg.t0, seg.t1), seg.options).ys[-1]
+                    d_states.append(yd)
+                    d_depth.append(s0 + abs(span))
+                elif seg.options is None:  # ResBlock: one Euler step, x + h f(t, x)
+                    k = seg.f(torch.full((), seg.t0, dtype=yd.dtype, device=yd.device), yd)
+                    yd = torch.add(yd, k, alpha=span)
+                    d_states.append(yd)
+                    d_depth.append(s0 + abs(span))
+                else:
+                    g = torch.tensor(seg.grid, dtype=torch.float64)
+                    ys_d = solve_with_options(seg.f, yd, g, seg.options).ys
+                    d_states.extend(ys_d[1:])
+                    d_depth.extend(s0 + abs(gi - seg.t0) for gi in seg.grid[1:])
+                    yd = ys_d[-1]
+            s0 += abs(span)
+    cont = (np.concatenate(c_depth), torch.cat(c_states))
+    disc = (np.asarray(d_depth), torch.stack(d_states)) if any_discrete else None
+    names = sorted({s.name for s in segs if s.grid is not None})
+    return cont, disc, segs, names
+
+
+def _project(c: np.ndarray, d: Optional[np.ndarray], dims: Optional[int]):
+    """Project [M, B, D] (and [K, B, D]) states to `dims` coordinates; PCA when dims < D."""
+    D = c.shape[-1]
+    if dims is None:
+        dims = D if D <= 3 else 2
+    if dims > D:
+        raise ValueError(f"dims={dims} is more than the state's {D} dimensions; use dims <= {D}.")
+    if dims == D:
+        return c, d, [f"$x_{i + 1}$" for i in range(D)]
+    flat = c.reshape(-1, D)
+    mean = flat.mean(0)
+    _, s, vt = np.linalg.svd(flat - mean, full_matrices=False)
+    comps = vt[:dims]
+    comps *= np.sign(comps[np.arange(dims), np.abs(comps).argmax(1)])[:, None]  # deterministic signs
+    var = s**2 / max(float((s**2).sum()), 1e-300)
+    labels = [f"PC{i + 1} ({100 * var[i]:.0f}% var.)" for i in range(dims)]
+    proj = lambda a: (a - mean) @ comps.T  # noqa: E731
+    return proj(c), (proj(d) if d is not None else None), labels
+
+
+def plot_trajectories(
+    block: nn.Module,
+    x: Tensor,
+    *,
+    labels: Optional[Union[Tensor, Sequence[int]]] = None,
+    color_by: Optional[str] = None,
+    dims: Optional[int] = None,
+    depth_axis: bool = False,
+    n_points: int = 100,
+    reference_solver: str = "dopri5",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    class_names: Optional[Sequence[str]] = None,
+    cmap: str = "viridis",
+    title: Optional[str] = None,
+    legend: bool = True,
+    ax=None,
+):
+    """Draw hidden states through depth: the trajectories `x(t)` that a block moves its inputs along.
+
+    For a **continuous** block (`ODEBlock` with an adaptive solver) the curves are the block's
+    own solve (its solver and tolerances) at `n_points` depths. For a **discrete** block — a
+    `ResBlock`, an `ODEBlock` with a fixed-step solver (`"euler"`, `"rk4"`, ... with `steps=N`),
+    or an `nn.Sequential` of such blocks — the states the model actually computes after each of
+    its N steps are drawn as markers, joined by thin dashed lines, on top of the continuous ODE
+    curve of the same `f` solved accurately by `reference_solver`. Where markers leave the
+    curve, the ResNet and the ODE it discretises part ways.
+
+    States with one dimension are drawn against depth; two or three dimensions are drawn as
+    they are; more dimensions (including images, flattened) are projected on their first
+    principal components, fitted to all states along the continuous curves.
+
+    **Arguments:**
+
+    - `block`: an `odenet.ODEBlock`, an `odenet.ResBlock`, or an `nn.Sequential`/`nn.ModuleList`
+      of them (consecutive blocks follow each other in depth; each uses its own `f`).
+    - `x`: batched inputs of the block, `[B, ...]` (apply `odenet.Augment` or any input layer
+      first). Keep `B` to a few hundred for a readable figure.
+    - `labels`: optional class of each input, `[B]` integers.
+    - `color_by`: `"class"` (default when `labels` is given) or `"depth"` (default otherwise:
+      curves and markers coloured by depth along `cmap`, with a colour bar).
+    - `dims`: number of plotted state coordinates (1, 2 or 3; default: the state dimension if
+      at most 3, else 2 principal components).
+    - `depth_axis`: add depth as an axis (1-D states always have it): a 2-D state then gives
+      a 3-D picture with depth rising along the vertical axis.
+    - `n_points`: points along each continuous curve (default 100).
+    - `reference_solver`, `rtol`, `atol`: how the continuous curve of a discrete block is solved
+      (default `"dopri5"` at `1e-5`).
+    - `class_names`: legend names of the classes (default `"class k"`).
+    - `cmap`: colour map for `color_by="depth"` (default `"viridis"`).
+    - `title`: axes title (default: a description of the block).
+    - `legend`: draw the legend (default `True`).
+    - `ax`: a matplotlib `Axes` to draw into (a 3-D one for 3-D pictures); default a new figure.
+
+    **Returns:** the `matplotlib.figure.Figure`.
+
+    **Raises:** `TypeError`/`ValueError` for an unsupported block, an unbatched `x`, labels of
+    the wrong length, or `dims`/`color_by` out of range.
+
+    **Example:**
+
+    ```python
+    f = odenet.MLPDynamics(dim=2, hidden=32)
+    x = torch.randn(64, 2)
+    labels = (x.norm(dim=1) > 1).long()
+    fig = odenet.plotting.plot_trajectories(odenet.ODEBlock(f, solver="euler", steps=8), x, labels=labels)
+    fig.savefig("trajectories.png", dpi=150)
+    ```
+    """
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import Normalize
+    from matplotlib.lines import Line2D
+
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point torch.Tensor, got {type(x).__name__}.")
+    if x.dim() < 2:
+        raise ValueError(f"x must be batched, [B, ...], got shape {tuple(x.shape)}; use x.unsqueeze(0) for one input.")
+    if isinstance(n_points, bool) or not isinstance(n_points, numbers.Integral) or n_points < 2:
+        raise ValueError(f"n_points must be an integer >= 2, got {n_points!r}.")
+    if dims is not None and dims not in (1, 2, 3):
+        raise ValueError(f"dims must be 1, 2 or 3 (or None for automatic), got {dims!r}.")
+    B = x.shape[0]
+    lab = None
+    if labels is not None:
+        lab = _numpy(labels).astype(int).reshape(-1)
+        if lab.shape[0] != B:
+            raise ValueError(f"labels has {lab.shape[0]} entries but x has a batch of {B}; give one label per input.")
+        if (lab < 0).any():
+            raise ValueError("labels must be non-negative class indices.")
+    if color_by is None:
+        color_by = "class" if lab is not None else "depth"
+    if color_by not in ("class", "depth"):
+        raise ValueError(f"color_by must be 'class' or 'depth', got {color_by!r}.")
+    if color_by == "class" and lab is None:
+        raise ValueError("color_by='class' needs labels=; pass the class of each input or use color_by='depth'.")
+
+    (c_depth, c_states), disc, segs, disc_names = _trajectory_data(block, x, n_points, reference_solver, rtol, atol)
+    c = _numpy(c_states).reshape(c_states.shape[0], B, -1)
+    d = _numpy(disc[1]).reshape(disc[1].shape[0], B, -1) if disc is not None else None
+    d_depth = disc[0] if disc is not None else None
+    if c.shape[-1] == 1:
+        depth_axis = True
+        if dims not in (None, 1):
+            raise ValueError(f"the state has one dimension; dims={dims} is not possible.")
+    c, d, coord_labels = _project(c, d, dims)
+    P = c.shape[-1]
+    if depth_axis and P == 3:
+        raise ValueError("depth_axis=True with 3 state coordinates would need 4 axes; use dims=2 or depth_axis=False.")
+
+    # Plot coordinates: depth first when it is an axis (1-D states: depth on x; 2-D: depth on z).
+    def coords(states: np.ndarray, depth: np.ndarray) -> np.ndarray:
+        if not depth_axis:
+            return states
+        dep = np.broadcast_to(depth[:, None, None], states.shape[:2] + (1,))
+        return np.concatenate([dep, states], -1) if P == 1 else np.concatenate([states, dep], -1)
+
+    C = coords(c, c_depth)  # [M, B, k]
+    Dd = coords(d, d_depth) if d is not None else None
+    k = C.shape[-1]
+    axis_labels = (["depth $t$", coord_labels[0]] if P == 1 else coord_labels + ["depth $t$"]) if depth_axis else coord_labels
+    three_d = k == 3
+    fig, ax = _new_axes(ax, (6.4, 5.6) if three_d else ((7.0, 4.2) if k == 2 and depth_axis else (5.8, 5.2)),
+                        "3d" if three_d else None)
+
+    norm = Normalize(vmin=float(c_depth.min()), vmax=float(c_depth.max()))
+    classes = sorted(set(lab.tolist())) if lab is not None else []
+    class_color = {cl: _PALETTE[i % len(_PALETTE)] for i, cl in enumerate(classes)}
+    if three_d:
+        from mpl_toolkits.mplot3d.art3d import Line3DCollection as LC
+    else:
+        LC = LineCollection
+    discrete = Dd is not None
+    lw = 0.9 if B > 100 else 1.3
+    alpha = 0.55 if discrete else (0.5 if B > 100 else 0.75)
+
+    # Continuous curves.
+    if color_by == "class":
+        lines = [C[:, b, :] for b in range(B)]
+        col = LC(lines, colors=[class_color[v] for v in lab], linewidths=lw, alpha=alpha, zorder=2)
+    else:
+        segs_xy = np.stack([C[:-1], C[1:]], axis=2)  # [M-1, B, 2, k]
+        segs_xy = segs_xy.transpose(1, 0, 2, 3).reshape(-1, 2, k)
+        mid = np.repeat(0.5 * (c_depth[:-1] + c_depth[1:])[None, :], B, 0).reshape(-1)
+        col = LC(segs_xy, cmap=cmap, norm=norm, linewidths=lw, alpha=alpha, zorder=2)
+        col.set_array(mid)
+    if three_d:
+        ax.add_collection3d(col)
+    else:
+        ax.add_collection(col)
+
+    def scatter(points: np.ndarray, **kw):
+        if three_d:
+            return ax.scatter(points[:, 0], points[:, 1], points[:, 2], depthshade=False, **kw)
+        return ax.scatter(points[:, 0], points[:, 1], **kw)
+
+    def colours_at(depths: np.ndarray, n: int):
+        if color_by == "class":
+            return np.tile(np.array([class_color[v] for v in lab], dtype=object), n)
+        return np.repeat(depths, B)
+
+    ckw = dict(cmap=cmap, norm=norm) if color_by == "depth" else {}
+    # Discrete states: dashed polygon + markers on top.
+    if discrete:
+        K = Dd.shape[0]
+        poly = LC([Dd[:, b, :] for b in range(B)], colors="0.25", linewidths=0.5, linestyles=(0, (2, 2)), alpha=0.6, zorder=3)
+        if three_d:
+            ax.add_collection3d(poly)
+        else:
+            ax.add_collection(poly)
+        inner = Dd[1:].reshape(-1, k)
+        scatter(inner, c=colours_at(d_depth[1:], K - 1) if color_by == "depth" else list(colours_at(d_depth[1:], K - 1)),
+                s=22 if B <= 100 else 10, edgecolors="0.15", linewidths=0.5, zorder=4, **ckw)
+    else:
+        end = C[-1]
+        scatter(end, c=colours_at(c_depth[-1:], 1) if color_by == "depth" else list(colours_at(c_depth[-1:], 1)),
+                s=18 if B <= 100 else 8, edgecolors="0.15", linewidths=0.5, zorder=4, **ckw)
+    # Starting points: hollow circles.
+    scatter(C[0], facecolors="white", edgecolors="0.2", s=14 if B <= 100 else 7, linewidths=0.7, zorder=5)
+
+    # Limits (collections do not autoscale 3-D axes) and labels.
+    pts = C.reshape(-1, k) if Dd is None else np.concatenate([C.reshape(-1, k), Dd.reshape(-1, k)])
+    pts = pts[np.isfinite(pts).all(1)]
+    if three_d and len(pts):
+        lo, hi = pts.min(0), pts.max(0)
+        pad = 0.05 * np.maximum(hi - lo, 1e-9)
+        for i, setter in enumerate((ax.set_xlim, ax.set_ylim, ax.set_zlim)):
+            setter(lo[i] - pad[i], hi[i] + pad[i])
+    elif len(pts):
+        ax.update_datalim(pts)
+        ax.autoscale_view()
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
+    if three_d:
+        ax.set_zlabel(axis_labels[2])
+        ax.view_init(elev=22, azim=-60)
+        for a in (ax.xaxis, ax.yaxis, ax.zaxis):
+            a.pane.set_alpha(0.0)
+    else:
+        _style(ax)
+        if not depth_axis:
+            ax.set_aspect("equal", adjustable="datalim")
+
+    if color_by == "depth":
+        from matplotlib.cm import ScalarMappable
+
+        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="depth $t$", shrink=0.8,
+                     pad=0.08 if three_d else 0.02)
+    if title is None:
+        n_disc = 0 if Dd is None else Dd.shape[0] - 1
+        if discrete:
+            title = f"{n_disc} discrete steps ({', '.join(disc_names)}) on the continuous flow of the same $f$"
+        else:
+            title = f"Continuous-depth trajectories ({segs[0].name})"
+    ax.set_title(title, fontsize=10)
+    if legend:
+        handles = [Line2D([], [], color=class_color[cl], lw=2,
+                          label=(class_names[cl] if class_names is not None and cl < len(class_names) else f"class {cl}"))
+                   for cl in classes] if color_by == "class" else []
+        handles.append(Line2D([], [], color="0.35", lw=1.3,
+                              label=f"continuous ODE ({reference_solver})" if discrete else "trajectory"))
+        if discrete:
+            handles.append(Line2D([], [], color="0.25", lw=0.6, ls=(0, (2, 2)), marker="o", markersize=5,
+                                  markerfacecolor="0.6", markeredgecolor="0.15", label="residual states"))
+        handles.append(Line2D([], [], ls="", marker="o", markersize=5, markerfacecolor="white",
+                              markeredgecolor="0.2", label="input $x(t_0)$"))
+        ax.legend(handles=handles, fontsize=8, framealpha=0.85, loc="best")
+    return fig
+
+
+# ---------------------------------------------------------------------------- vector field
+
+
+def _dtype_device(f, dtype, device):
+    if dtype is None or device is None:
+        p = next(f.parameters(), None) if isinstance(f, nn.Module) else None
+        if dtype is None:
+            dtype = p.dtype if p is not None and p.is_floating_point() else torch.get_default_dtype()
+        if device is None:
+            device = p.device if p is not None else torch.device("cpu")
+    return dtype, device
+
+
+def _check_range(name: str, r) -> Tuple[float, float]:
+    try:
+        a, b = (float(v) for v in r)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a pair (low, high) of numbers, got {r!r}.") from None
+    if not (math.isfinite(a) and math.isfinite(b) and a < b):
+        raise ValueError(f"{name} must be (low, high) with low < high, got {r!r}.")
+    return a, b
+
+
+def plot_vector_field(
+    f,
+    *,
+    xlim: Tuple[float, float] = (-2.0, 2.0),
+    ylim: Tuple[float, float] = (-2.0, 2.0),
+    t: Union[float, Sequence[float]] = 0.0,
+    n: int = 25,
+    style: str = "stream",
+    trajectories=None,
+    cmap: str = "viridis",
+    dtype: Optional[torch.dtype] = None,
+    device=None,
+    colorbar: bool = True,
+    title: Optional[str] = None,
+    ax=None,
+):
+    """Draw a 2-D dynamics `dx/dt = f(t, x)` on a grid, at one time or at several ("slider") times.
+
+    Arrows or streamlines are coloured by speed `||f||`; several times share one colour scale,
+    so panels compare directly.
+
+    **Arguments:**
+
+    - `f`: a callable `f(t, x)` (e.g. an `nn.Module`) mapping `t` (0-dim tensor) and a batch
+      `[N, 2]` to `[N, 2]`.
+    - `xlim`, `ylim`: the plotted square (default `(-2, 2)` each).
+    - `t`: the time, or a sequence of times: one panel per time, side by side.
+    - `n`: grid points per axis (default 25).
+    - `style`: `"stream"` (streamlines, default) or `"quiver"` (unit arrows).
+    - `trajectories`: optional states to overlay, `[M, 2]` or `[M, B, 2]` (tensor or array),
+      e.g. `block.trajectory(x, t)`.
+    - `cmap`: colour map of the speed (default `"viridis"`).
+    - `dtype`, `device`: of the grid passed to `f` (default: those of `f`'s parameters).
+    - `colorbar`: draw the speed colour bar (default `True`).
+    - `title`: axes title (default `"t = <time>"`; with several times, a prefix to it).
+    - `ax`: an `Axes`, or a sequence of one `Axes` per time; default a new figure.
+
+    **Returns:** the `matplotlib.figure.Figure`.
+
+    **Raises:** `TypeError`/`ValueError` for a non-callable `f`, an `f` that does not map
+    `[N, 2]` to `[N, 2]`, bad ranges, or a number of axes that does not match the times.
+
+    **Example:**
+
+    ```python
+    A = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]])
+    fig = odenet.plotting.plot_vector_field(lambda t, y: (y**3) @ A.T, xlim=(-2, 2), ylim=(-2, 2))
+    f = odenet.MLPDynamics(dim=2, hidden=16)                          # time-dependent
+    fig = odenet.plotting.plot_vector_field(f, t=[0.0, 0.5, 1.0])     # three panels
+    fig.savefig("field.png")
+    ```
+    """
+    from matplotlib.colors import Normalize
+
+    if not callable(f):
+        raise TypeError(f"f must be callable as f(t, x), got {type(f).__name__}.")
+    x0, x1 = _check_range("xlim", xlim)
+    y0, y1 = _check_range("ylim", ylim)
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 2:
+        raise ValueError(f"n (grid points per axis) must be an integer >= 2, got {n!r}.")
+    if style not in ("stream", "quiver"):
+        raise ValueError(f"style must be 'stream' or 'quiver', got {style!r}.")
+    times = [t] if isinstance(t, numbers.Real) or (isinstance(t, Tensor) and t.dim() == 0) else list(t)
+    try:
+        times = [float(v) for v in times]
+    except (TypeError, ValueError):
+        raise TypeError(f"t must be a number or a sequence of numbers, got {t!r}.") from None
+    if not times:
+        raise ValueError("t is empty; give at least one time.")
+    dtype, device = _dtype_device(f, dtype, device)
+
+    xs = np.linspace(x0, x1, n)
+    ys = np.linspace(y0, y1, n)
+    X, Y = np.meshgrid(xs, ys)
+    grid = torch.tensor(np.stack([X.ravel(), Y.ravel()], 1), dtype=dtype, device=device)
+    fields = []
+    with torch.no_grad():
+        for tv in times:
+            out = f(torch.full((), tv, dtype=dtype, device=device), grid)
+            if not isinstance(out, Tensor) or out.shape != grid.shape:
+                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(
+                    f"f must map a batch of 2-D points [N, 2] to [N, 2] (a 2-D dynamics), got {got} for input "
+                    f"{tuple(grid.shape)}. For higher dimensions plot trajectories with plot_trajectories."
+                )
+            v = _numpy(out)
+            fields.append((v[:, 0].reshape(n, n), v[:, 1].reshape(n, n)))
+    speed_max = max(float(np.nanmax(np.hypot(u, w))) for u, w in fields)
+    norm = Normalize(vmin=0.0, vmax=speed_max if speed_max > 0 else 1.0)
+
+    K = len(times)
+    if ax is None:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(4.2 * K + 0.8, 4.2), layout="constrained")
+        axes = [fig.add_subplot(1, K, i + 1) for i in range(K)]
+    else:
+        axes = list(ax) if isinstance(ax, (list, tuple, np.ndarray)) else [ax]
+        axes = list(np.asarray(axes, dtype=object).ravel())
+        if len(axes) != K:
+            raise ValueError(f"got {len(axes)} axes for {K} times; give one Axes per time in t.")
+        fig, _ = _new_axes(axes[0], (5, 5))
+        for a in axes[1:]:
+            _new_axes(a, (5, 5))
+
+    traj = None
+    if trajectories is not None:
+        traj = _numpy(trajectories)
+        if traj.ndim == 2:
+            traj = traj[:, None, :]
+        if traj.ndim != 3 or traj.shape[-1] != 2:
+            raise ValueError(f"trajectories must have shape [M, 2] or [M, B, 2], got {traj.shape}.")
+
+    mappable = None
+    for a, tv, (U, V) in zip(axes, times, fields):
+        S = np.hypot(U, V)
+        if style == "stream":
+            sp = a.streamplot(xs, ys, U, V, color=S, cmap=cmap, norm=norm, density=1.1, linewidth=1.0, arrowsize=0.9)
+            mappable = sp.lines
+        else:
+            scale = np.where(S > 0, S, 1.0)
+            mappable = a.quiver(X, Y, U / scale, V / scale, S, cmap=cmap, norm=norm, pivot="mid",
+                                scale=n * 1.3, width=0.004, headwidth=3.5)
+        if traj is not None:
+            for b in range(traj.shape[1]):
+                a.plot(traj[:, b, 0], traj[:, b, 1], color="white", lw=3.0, alpha=0.9, zorder=4)
+                a.plot(traj[:, b, 0], traj[:, b, 1], color="#d62728", lw=1.4, zorder=5)
+            a.scatter(traj[0, :, 0], traj[0, :, 1], s=18, c="white", edgecolors="#d62728", zorder=6)
+        a.set_xlim(x0, x1)
+        a.set_ylim(y0, y1)
+        a.set_aspect("equal")
+        a.set_xlabel("$x_1$")
+        a.set_ylabel("$x_2$")
+        a.set_title(f"{title + ', ' if title else ''}$t = {tv:g}$", fontsize=10)
+        for side in ("top", "right"):
+            a.spines[side].set_visible(False)
+    if colorbar:
+        fig.colorbar(mappable, ax=axes, label="speed $\\|f(t, x)\\|$", shrink=0.85)
+    return fig
+
+
+# ---------------------------------------------------------------------------- step sizes
+
+
+def _steps_of(solution) -> List[Tuple[float, float, bool]]:
+    steps = getattr(solution, "steps", solution)
+    if isinstance(steps, (str, bytes)) or not hasattr(steps, "__iter__"):
+        raise TypeError(
+            "plot_step_sizes needs an odenet.Solution (with .steps) or a sequence of (t, h, accepted) tuples, "
+            f"got {type(solution).__name__}."
+        )
+    out = []
+    for i, s in enumerate(steps):
+        try:
+            t, h, acc = s
+            t, h = float(t), float(h)
+        except (TypeError, ValueError):
+            raise TypeError(f"step {i} must be (t, h, accepted), got {s!r}.") from None
+        if not (math.isfinite(t) and math.isfinite(h)):
+            raise ValueError(f"step {i} has a non-finite time or step size: {s!r}.")
+        out.append((t, h, bool(acc)))
+    if not out:
+        raise ValueError(
+            "No steps to plot: the solution recorded none (the torchdiffeq backend records no steps). "
+            "Solve with backend='odenet', or pass (t, h, accepted) tuples."
+        )
+    return out
+
+
+def plot_step_sizes(solution, *, log: bool = True, title: Optional[str] = None, ax=None):
+    """Draw the steps of one solve: each accepted step as a bar over the interval it covers at
+    the height of its size, and each rejected attempt as a cross at its start time and size.
+
+    **Arguments:**
+
+    - `solution`: an `odenet.Solution` (its `steps`, a list of `StepInfo(t, h, accepted)`), or
+      any sequence of `(t, h, accepted)`: start time, signed step size, whether accepted.
+    - `log`: logarithmic step-size axis (default `True`).
+    - `title`: axes title (default: the counts of accepted and rejected steps).
+    - `ax`: a matplotlib `Axes` to draw into; default a new figure.
+
+    **Returns:** the `matplotlib.figure.Figure`.
+
+    **Raises:** `TypeError`/`ValueError` when there are no steps or they are malformed.
+
+    **Example:**
+
+    ```python
+    sol = odenet.odeint(lambda t, y: torch.cos(5 * t) * y, torch.ones(2, dtype=torch.float64),
+                        [0.0, 10.0], solver="dopri5", rtol=1e-6, atol=1e-8)
+    fig = odenet.plotting.plot_step_sizes(sol)       # sol.steps: StepInfo(t, h, accepted)
+    fig = odenet.plotting.plot_step_sizes([(0.0, 0.5, True), (0.5, 1.0, False), (0.5, 0.4, True)])
+    ```
+    """
+    steps = _steps_of(solution)
+    fig, ax = _new_axes(ax, (7.0, 3.6))
+    acc = [(t, h) for t, h, a in steps if a]
+    rej = [(t, h) for t, h, a in steps if not a]
+    if acc:
+        t0 = np.array([min(t, t + h) for t, h in acc])
+        t1 = np.array([max(t, t + h) for t, h in acc])
+        hs = np.array([abs(h) for _, h in acc])
+        ax.hlines(hs, t0, t1, colors="#1f77b4", linewidth=2.2, label=f"accepted ({len(acc)})", zorder=3)
+        ax.plot(np.column_stack([t0, t1]).ravel(), np.repeat(hs, 2), color="#1f77b4", lw=0.6, alpha=0.5, zorder=2)
+        starts = np.array([t for t, _ in acc])
+        ax.scatter(starts, hs, s=10, color="#1f77b4", zorder=4)
+    if rej:
+        ax.scatter([t for t, _ in rej], [abs(h) for _, h in rej], marker="x", s=36, color="#d62728",
+                   linewidths=1.4, label=f"rejected ({len(rej)})", zorder=5)
+    if log and any(abs(h) > 0 for _, h, _ in steps):
+        ax.set_yscale("log")
+    ax.set_xlabel("$t$")
+    ax.set_ylabel("step size $|h|$")
+    ax.set_title(title if title is not None else f"{len(acc)} accepted, {len(rej)} rejected steps", fontsize=10)
+    _style(ax)
+    ax.legend(fontsize=8, framealpha=0.85)
+    return fig
+
+
+# ---------------------------------------------------------------------------- NFE over training
+
+_NFE_KEYS = ("nfe_forward", "nfe_backward", "nfe")
+_NFE_NAMES = {"nfe_forward": "forward", "nfe_backward": "backward", "nfe": "total"}
+_NFE_STYLE = {"nfe_forward": "-", "nfe_backward": "--", "nfe": ":"}
+
+
+def _columns(history) -> Dict[str, List[float]]:
+    if isinstance(history, Mapping):
+        return {str(k): list(v) for k, v in history.items() if hasattr(v, "__len__") and not isinstance(v, str)}
+    if isinstance(history, (str, bytes)) or not hasattr(history, "__iter__"):
+        raise TypeError(
+            "history must be a dict of lists, a list of dicts, or a list of odenet.SolveStats, "
+            f"got {type(history).__name__}."
+        )
+    rows = list(history)
+    if not rows:
+        raise ValueError("history is empty; record at least one iteration.")
+    if all(isinstance(r, numbers.Real) for r in rows):
+        return {"nfe": [float(r) for r in rows]}
+    cols: Dict[str, List[Any]] = {}
+    for i, r in enumerate(rows):
+        if isinstance(r, SolveStats):
+            r = r.as_dict()
+        if not isinstance(r, Mapping):
+            raise TypeError(f"history entry {i} must be a dict or an odenet.SolveStats, got {type(r).__name__}.")
+        for k, v in r.items():
+            cols.setdefault(str(k), [None] * i).append(v)
+        for k in cols:
+            if len(cols[k]) < i + 1:
+                cols[k].append(None)
+    return cols
+
+
+def _moving_average(y: np.ndarray, w: int) -> np.ndarray:
+    out = np.full_like(y, np.nan)
+    valid = np.isfinite(y)
+    c = np.convolve(np.where(valid, y, 0.0), np.ones(w), mode="full")[: len(y)]
+    n = np.convolve(valid.astype(float), np.ones(w), mode="full")[: len(y)]
+    np.divide(c, n, out=out, where=n > 0)
+    return out
+
+
+def plot_nfe_over_training(
+    history,
+    *,
+    keys: Optional[Sequence[str]] = None,
+    x: Optional[str] = None,
+    label: Optional[str] = None,
+    smooth: Optional[int] = None,
+    color: Optional[str] = None,
+    log: bool = False,
+    ax=None,
+):
+    """Draw the number of function evaluations per training iteration (forward, backward, total).
+
+    **Arguments:**
+
+    - `history`: one entry per iteration, as a list of dicts (e.g. `block.last_stats.as_dict()`
+      plus an `"iteration"`), a list of `odenet.SolveStats`, a dict of lists, or a list of numbers.
+    - `keys`: which series to draw (default: those of `"nfe_forward"`, `"nfe_backward"`,
+      `"nfe"` present; an all-zero backward series, as with `gradient="direct"`, is skipped).
+    - `x`: the key of the x-axis (default: `"iteration"`, `"step"` or `"epoch"` if present, else
+      the entry index).
+    - `label`: a name for this run, prefixed to the legend entries (call again with the same
+      `ax` to compare runs).
+    - `smooth`: window of a trailing moving average drawn over the raw (faint) values.
+    - `color`: one colour for all series of this run (default: the axes' colour cycle).
+    - `log`: logarithmic NFE axis.
+    - `ax`: a matplotlib `Axes` to draw into; default a new figure.
+
+    **Returns:** the `matplotlib.figure.Figure`.
+
+    **Raises:** `TypeError`/`ValueError` for an empty or malformed history, unknown keys, or
+    a bad `smooth`.
+
+    **Example:**
+
+    ```python
+    block = odenet.ODEBlock(odenet.MLPDynamics(dim=2, hidden=16), gradient="adjoint")
+    optimiser = torch.optim.Adam(block.parameters(), lr=1e-2)
+    history = []
+    for it in range(20):
+        optimiser.zero_grad()
+        block(torch.randn(32, 2)).pow(2).mean().backward()
+        optimiser.step()
+        history.append({"iteration": it, **block.last_stats.as_dict()})  # after backward()
+    fig = odenet.plotting.plot_nfe_over_training(history, smooth=5)
+    ```
+    """
+    cols = _columns(history)
+    if smooth is not None and (isinstance(smooth, bool) or not isinstance(smooth, numbers.Integral) or smooth < 1):
+        raise ValueError(f"smooth must be a window length >= 1 (or None), got {smooth!r}.")
+    if keys is None:
+        keys = []
+        for k in _NFE_KEYS:
+            if k in cols:
+                vals = np.array([np.nan if v is None else float(v) for v in cols[k]])
+                if k == "nfe_backward" and not np.nan_to_num(vals).any():
+                    continue
+                if k == "nfe" and "nfe_forward" in cols and "nfe_backward" not in keys:
+                    continue  # total equals forward when there is no backward series
+                keys.append(k)
+        if not keys:
+            raise ValueError(
+                f"history has none of the keys {_NFE_KEYS}; it has {sorted(cols)}. Record "
+                "block.last_stats.as_dict() each iteration, or name the series with keys=."
+            )
+    else:
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        missing = [k for k in keys if k not in cols]
+        if missing:
+            raise ValueError(f"keys {missing} are not in history (it has {sorted(cols)}).")
+    if x is None:
+        x = next((k for k in ("iteration", "step", "epoch") if k in cols), None)
+    elif x not in cols:
+        raise ValueError(f"x={x!r} is not a key of history (it has {sorted(cols)}).")
+    n = len(cols[keys[0]])
+    xs = np.array([float(v) for v in cols[x]]) if x is not None else np.arange(n, dtype=float)
+
+    fig, ax = _new_axes(ax, (7.0, 3.8))
+    for k in keys:
+        ys = np.array([np.nan if v is None else float(v) for v in cols[k]])
+        name = _NFE_NAMES.get(k, k)
+        lab = f"{label}: {name}" if label else name
+        if smooth and smooth > 1:
+            (raw,) = ax.plot(xs, ys, color=color, lw=0.7, alpha=0.3, ls=_NFE_STYLE.get(k, "-"))
+            ax.plot(xs, _moving_average(ys, smooth), color=raw.get_color(), lw=1.8, ls=_NFE_STYLE.get(k, "-"), label=lab)
+        else:
+            ax.plot(xs, ys, color=color, lw=1.5, ls=_NFE_STYLE.get(k, "-"), label=lab)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel(x or "iteration")
+    ax.set_ylabel("function evaluations (NFE)")
+    ax.set_title("NFE over training", fontsize=10)
+    _style(ax)
+    ax.legend(fontsize=8, framealpha=0.85)
+    return fig
+
+
+# ---------------------------------------------------------------------------- Pareto
+
+_AXIS_NAMES = {
+    "nfe": "function evaluations (NFE)",
+    "nfe_forward": "forward NFE",
+    "memory": "activation memory (bytes)",
+    "accuracy": "accuracy",
+    "time": "time (s)",
+}
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*"]
+
+
+def _rows(results) -> List[Dict[str, Any]]:
+    if isinstance(results, Mapping):  # {label: {metrics}} or {label: [{metrics}, ...]}
+        rows = []
+        for name, v in results.items():
+            for r in (v if isinstance(v, (list, tuple)) else [v]):
+                if not isinstance(r, Mapping):
+                    raise TypeError(f"results[{name!r}] must be a dict of metrics (or a list of them), got {type(r).__name__}.")
+                rows.append({"label": str(name), **r})
+        return rows
+    if isinstance(results, (str, bytes)) or not hasattr(results, "__iter__"):
+        raise TypeError(f"results must be a list of dicts or a dict of dicts, got {type(results).__name__}.")
+    rows = list(results)
+    for i, r in enumerate(rows):
+        if not isinstance(r, Mapping):
+            raise TypeError(f"results[{i}] must be a dict of metrics, got {type(r).__name__}.")
+    return [dict(r) for r in rows]
+
+
+def _pareto_front(xs: np.ndarray, ys: np.ndarray, y_higher: bool) -> np.ndarray:
+    """Indices of the points not dominated by another (lower x and better y), ordered by x."""
+    order = np.lexsort((-ys if y_higher else ys, xs))
+    front, best = [], -np.inf
+    for i in order:
+        yv = ys[i] if y_higher else -ys[i]
+        if yv > best:
+            front.append(i)
+            best = yv
+    return np.array(front, dtype=int)
+
+
+def plot_pareto(
+    results,
+    *,
+    x: str = "nfe",
+    y: str = "accuracy",
+    label: str = "label",
+    y_higher_is_better: bool = True,
+    logx: bool = False,
+    logy: bool = False,
+    annotate: Optional[str] = None,
+    front: bool = True,
+    connect: bool = True,
+    ax=None,
+):
+    """Draw accuracy (or any quality) against a cost (NFE, memory, time) and the Pareto front.
+
+    Points of the same `label` share a colour and marker. Error bars are drawn where a row has
+    `"<x>_std"` or `"<y>_std"`. The front joins the points no other point beats on both axes
+    (lower cost and better quality).
+
+    **Arguments:**
+
+    - `results`: a list of dicts, each with the keys `x`, `y` and optionally `label` (e.g.
+      `{"label": "dopri5", "tol": 1e-3, "nfe": 26, "accuracy": 0.97}`), or a dict
+      `{label: dict}` / `{label: [dict, ...]}`.
+    - `x`, `y`: the keys plotted (default `"nfe"` and `"accuracy"`; `"memory"` for memory).
+    - `label`: the key that groups points (default `"label"`).
+    - `y_higher_is_better`: direction of `y` for the front (default `True`).
+    - `logx`, `logy`: logarithmic axes.
+    - `annotate`: a key whose value is written next to each point (e.g. `"tol"`).
+    - `front`: draw the Pareto front (default `True`).
+    - `connect`: join the points of one label in order of cost, as for a tolerance sweep
+      (default `True`; `False` for repeats such as seeds).
+    - `ax`: a matplotlib `Axes` to draw into; default a new figure.
+
+    **Returns:** the `matplotlib.figure.Figure`.
+
+    **Raises:** `TypeError`/`ValueError` for empty or malformed results or missing keys.
+
+    **Example:**
+
+    ```python
+    results = [{"label": "dopri5", "nfe": 26, "accuracy": 0.97},
+               {"label": "euler", "nfe": 10, "accuracy": 0.95}]
+    fig = odenet.plotting.plot_pareto(results, x="nfe", y="accuracy")
+    ```
+    """
+    rows = _rows(results)
+    if not rows:
+        raise ValueError("results is empty; give at least one result.")
+    for i, r in enumerate(rows):
+        for key in (x, y):
+            if key not in r:
+                raise ValueError(f"result {i} has no {key!r} (it has {sorted(r)}); pass x=/y= to choose the keys.")
+            if isinstance(r[key], bool) or not isinstance(r[key], numbers.Real):
+                raise TypeError(f"result {i}: {key!r} must be a number, got {r[key]!r}.")
+    xs = np.array([float(r[x]) for r in rows])
+    ys = np.array([float(r[y]) for r in rows])
+    groups: Dict[str, List[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(str(r.get(label, "")), []).append(i)
+
+    fig, ax = _new_axes(ax, (6.0, 4.4))
+    if front and len(rows) > 1:
+        idx = _pareto_front(xs, ys, y_higher_is_better)
+        ax.step(xs[idx], ys[idx], where="post", color="0.55", lw=1.2, ls="--", zorder=2, label="Pareto front")
+        ax.scatter(xs[idx], ys[idx], s=160, facecolors="none", edgecolors="0.55", linewidths=1.0, zorder=2)
+    for j, (name, idx) in enumerate(groups.items()):
+        idx = np.array(idx)
+        order = idx[np.argsort(xs[idx])]
+        colour = _PALETTE[j % len(_PALETTE)]
+        xerr = [float(rows[i].get(f"{x}_std", 0.0) or 0.0) for i in order]
+        yerr = [float(rows[i].get(f"{y}_std", 0.0) or 0.0) for i in order]
+        ax.errorbar(xs[order], ys[order], xerr=xerr if any(xerr) else None, yerr=yerr if any(yerr) else None,
+                    fmt=_MARKERS[j % len(_MARKERS)], color=colour, ms=7, mec="0.15", mew=0.6, ls="-" if connect else "none", lw=1.0,
+                    alpha=0.95, capsize=3, elinewidth=0.8, zorder=3, label=name or None)
+        if annotate:
+            for i in order:
+                if annotate in rows[i]:
+                    v = rows[i][annotate]
+                    ax.annotate(f"{v:g}" if isinstance(v, float) else str(v), (xs[i], ys[i]), xytext=(5, 4),
+                                textcoords="offset points", fontsize=7, color="0.3")
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(_AXIS_NAMES.get(x, x))
+    ax.set_ylabel(_AXIS_NAMES.get(y, y))
+    better = "up and to the left" if y_higher_is_better else "down and to the left"
+    ax.set_title(f"{_AXIS_NAMES.get(y, y)} against cost (better: {better})", fontsize=10)
+    _style(ax)
+    handles, _ = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(fontsize=8, framealpha=0.85)
+    return fig
