@@ -205,6 +205,17 @@ def swap_blocks(model: nn.Module, solver: Union[str, ExplicitRK] = "dopri5", **k
     the model trains and evaluates under either form. The model is modified in place and
     returned; if `model` itself is a block, the new block is returned.
 
+    **Arguments:**
+
+    - `model`: any `nn.Module` (searched recursively), or a single block.
+    - `solver`: the new blocks' solver, as in `ODEBlock`.
+    - `**kwargs`: the new blocks' settings (`steps`, `rtol`, `atol`, `gradient`, ...), as in `ODEBlock`.
+
+    **Returns:** `model` with its blocks replaced (or the new block).
+
+    **Raises:** `ValueError`/`TypeError` for settings `ODEBlock` would reject, before anything
+    is replaced; `TypeError` if `model` is not an `nn.Module`.
+
     **Example:**
 
     ```python

@@ -171,7 +171,8 @@ class _CheckpointFn(torch.autograd.Function):
         for rec, y_start in zip(reversed(records), reversed(states)):
             with torch.enable_grad():
                 yn = y_start.detach().requires_grad_(True)
-                step = solver.step(fc, rec.t, yn, rec.h, None, with_error=False)
+                dense = any(theta is not None for _, theta in rec.outputs)
+                step = solver.step(fc, rec.t, yn, rec.h, None, with_error=False, last_stage=dense)
                 outs = [step.y1]
                 g_end = a
                 gouts = [None]

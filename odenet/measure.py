@@ -71,7 +71,10 @@ def saved_tensors(exclude: Iterable[Tensor] = ()) -> Iterator[SavedTensors]:
         if ptr not in excluded and ptr not in tally._seen:
             tally._seen.add(ptr)
             tally.bytes += nbytes
-        return t
+        # Detached: a packed tensor that keeps its grad_fn would form a reference cycle with
+        # the node that saved it (an op saving its own output), leaking the graph when it is
+        # dropped without backward. Same storage, so unpacking gives the same values.
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield tally

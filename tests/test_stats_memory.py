@@ -44,8 +44,19 @@ def test_backward_nfe_counted(gradient):
         assert backward_calls == 0
     else:
         assert backward_calls > 0
-    if gradient == "checkpoint":  # every accepted step recomputed, all 7 stages
-        assert backward_calls == 7 * sol.stats.n_accepted
+    if gradient == "checkpoint":  # every accepted step recomputed: 6 stages (FSAL f(t1, y1) not needed)
+        assert backward_calls == 6 * sol.stats.n_accepted
+
+
+def test_checkpoint_recomputes_last_stage_only_for_dense_output():
+    f = CountingF()
+    y0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    solver = odenet.solvers.Dopri5(adaptive=False)
+    # 4 steps, outputs at 0.3 and 0.6 fall inside steps 2 and 3: those need all 7 stages for dense output.
+    sol = odenet.odeint(f, y0, [0.0, 0.3, 0.6, 1.0], solver=solver, steps=4, gradient="checkpoint")
+    calls = f.calls
+    sol.ys.sum().backward()
+    assert f.calls - calls == sol.stats.nfe_backward == 2 * 6 + 2 * 7
 
 
 def _activation_bytes(gradient, steps, solver="rk4"):

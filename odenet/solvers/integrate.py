@@ -143,6 +143,35 @@ def integrate(
     their steps with `controller`. Gradients flow through the loop if autograd is on
     (step sizes themselves are not differentiated). Never raises on solver failure:
     the status says what happened, and outputs not reached are NaN.
+
+    This is the engine under `odenet.odeint`, which validates inputs, counts NFE and
+    handles gradients; call `odeint` unless you are building a new gradient method.
+
+    **Arguments:**
+
+    - `f`: `f(t, y)` taking the time as a Python float (wrap a module in `CountedFunc`).
+    - `y0`, `ts`: initial state and output times (floats, strictly monotone).
+    - `solver`: an `ExplicitRK`.
+    - `stats`: a `SolveStats` whose step counts are incremented in place.
+    - `grid`: fixed-step solvers' step boundaries (default: `ts`).
+    - `rtol`, `atol`, `controller`, `first_step`, `min_step`, `max_steps`: adaptive settings.
+    - `norm`: the error norm of the scaled error (default RMS over all elements).
+    - `record`: keep every accepted step's start state (for checkpointed gradients).
+
+    **Returns:** a `LoopResult(ys, status, t, h, records, steps)`: the outputs (one tensor per
+    time in `ts`), the `Status`, the time and step size reached, the step records (or `None`)
+    and every attempted step as `StepInfo`.
+
+    **Example:**
+
+    ```python
+    import torch
+    from odenet.solvers import Dopri5, SolveStats, integrate
+
+    stats = SolveStats()
+    res = integrate(lambda t, y: -y, torch.ones(3), [0.0, 1.0], Dopri5(), stats=stats, rtol=1e-6, atol=1e-8)
+    res.ys[-1], res.status, stats.n_accepted
+    ```
     """
     n_out = len(ts)
     outputs: List[Optional[Tensor]] = [None] * n_out

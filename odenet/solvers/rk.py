@@ -134,13 +134,22 @@ class ExplicitRK:
 
     # ------------------------------------------------------------------ the step
     def step(
-        self, f: Func, t: float, y: Tensor, h: float, k1: Optional[Tensor] = None, with_error: bool = True
+        self,
+        f: Func,
+        t: float,
+        y: Tensor,
+        h: float,
+        k1: Optional[Tensor] = None,
+        with_error: bool = True,
+        last_stage: bool = True,
     ) -> StepResult:
         """Take one step of size `h` (negative to integrate backwards) from `(t, y)`.
 
         `k1 = f(t, y)` may be passed in (FSAL methods hand it over from the previous
         step); otherwise it is evaluated. `with_error=False` skips the error estimate
-        (used when a step is recomputed for its gradient).
+        (used when a step is recomputed for its gradient); with it, `last_stage=False` also
+        skips an FSAL method's last evaluation `f(t1, y1)`, which only the error estimate,
+        dense output and the next step need (`ks` then lacks that stage).
         """
         tab = self.tableau
         if k1 is None:
@@ -148,13 +157,16 @@ class ExplicitRK:
         ks = [k1]
         c = tab.c
         yi = y
+        skip_last = tab.fsal and not (last_stage or with_error)
         for i in range(1, tab.stages):
             yi = _combine(y, h, self._rows[i], ks)
+            if skip_last and i == tab.stages - 1:
+                break
             ks.append(f(t + c[i] * h, yi))
         if tab.fsal:
-            # The last stage was evaluated at y1 itself: reuse the tensor.
+            # The last stage's input is y1 itself: reuse the tensor (and f(t1, y1) if evaluated).
             y1 = yi
-            k_next = ks[-1]
+            k_next = None if skip_last else ks[-1]
         else:
             y1 = _combine(y, h, self._b, ks)
             k_next = None
@@ -265,9 +277,24 @@ _DEFAULT_INSTANCES: dict = {}
 
 
 def get_solver(solver) -> ExplicitRK:
-    """Turn a name from :data:`SOLVERS` or an :class:`ExplicitRK` instance into a solver.
+    """Turn a name from `SOLVERS` or an `ExplicitRK` instance into a solver.
+
+    **Arguments:**
+
+    - `solver`: a name such as `"dopri5"` (case-insensitive) or an `ExplicitRK` instance.
+
+    **Returns:** the solver object (the one shared default instance for a name; solvers
+    are stateless).
 
     **Raises:** `ValueError` for an unknown name, `TypeError` for anything else.
+
+    **Example:**
+
+    ```python
+    from odenet.solvers import get_solver
+    solver = get_solver("tsit5")
+    solver.order, solver.adaptive  # (5, True)
+    ```
     """
     if isinstance(solver, ExplicitRK):
         return solver

@@ -8,8 +8,18 @@ __all__ = ["Status", "SolverError"]
 
 
 class Status(enum.Enum):
-    """Outcome of a solve. ``Status.SUCCESS`` or one of the failures below; every
-    failure's :meth:`message` says what happened and what to try."""
+    """Outcome of a solve: `SUCCESS`, `MAX_STEPS`, `STEP_UNDERFLOW` or `NONFINITE`.
+
+    Every failure's `message()` says what happened and what to try.
+
+    **Example:**
+
+    ```python
+    import torch, odenet
+    sol = odenet.odeint(lambda t, y: y**2, torch.ones(1), [0.0, 2.0], min_step=1e-3, throw=False)
+    sol.status is odenet.Status.STEP_UNDERFLOW, sol.message
+    ```
+    """
 
     SUCCESS = "success"
     MAX_STEPS = "max_steps_reached"
