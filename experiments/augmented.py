@@ -26,14 +26,13 @@ set drawn from the same distribution; the NFE is that of one forward solve of th
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -45,10 +44,8 @@ import odenet
 from odenet import plotting
 from odenet.odeint import make_options
 
-
-def opt(default, help: str):
-    """A dataclass field with its --help text."""
-    return field(default=default, metadata={"help": help})
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _cli import opt, parse_config  # noqa: E402
 
 
 @dataclass
@@ -86,19 +83,7 @@ MODELS = ("NODE", "ANODE", "ResNet")
 
 
 def parse_args(argv=None) -> AugmentedConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"a short smoke-test run: {QUICK}")
-    for fld in dataclasses.fields(AugmentedConfig):
-        flag = "--" + fld.name.replace("_", "-")
-        kind = {"int": int, "float": float, "str": str}[fld.type if isinstance(fld.type, str) else fld.type.__name__]
-        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"{fld.metadata['help']} (default: {fld.default})")
-    args = vars(parser.parse_args(argv))
-    config = dataclasses.replace(AugmentedConfig(**(QUICK if args.pop("quick") else {})), **args)
-    try:
-        check(config)
-    except ValueError as err:
-        parser.error(str(err))  # exits with the usage line and the message
-    return config
+    return parse_config(AugmentedConfig, argv, description=__doc__.split("\n\n")[0], quick=QUICK, check=check)
 
 
 def check(config: AugmentedConfig) -> None:

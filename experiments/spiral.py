@@ -19,14 +19,13 @@ snapshots), `snapshot_iterNNNN.png`, `training.png` (loss and NFE per iteration)
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List
 
 import numpy as np
@@ -38,10 +37,8 @@ import odenet
 from odenet import plotting
 from odenet.odeint import make_options
 
-
-def opt(default, help: str):
-    """A dataclass field with its --help text."""
-    return field(default=default, metadata={"help": help})
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _cli import opt, parse_config  # noqa: E402
 
 
 @dataclass
@@ -72,23 +69,7 @@ A_TRUE = [[-0.1, 2.0], [-2.0, -0.1]]
 
 
 def parse_args(argv=None) -> SpiralConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help=f"a short smoke-test run: {QUICK}")
-    for fld in dataclasses.fields(SpiralConfig):
-        flag = "--" + fld.name.replace("_", "-")
-        if fld.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=f"{fld.metadata['help']} (default: {fld.default})")
-        else:
-            kind = {"int": int, "float": float, "str": str}[fld.type if isinstance(fld.type, str) else fld.type.__name__]
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"{fld.metadata['help']} (default: {fld.default})")
-    args = vars(parser.parse_args(argv))
-    config = dataclasses.replace(SpiralConfig(**(QUICK if args.pop("quick") else {})), **args)
-    try:
-        check(config)
-    except ValueError as err:
-        parser.error(str(err))  # exits with the usage line and the message
-    return config
+    return parse_config(SpiralConfig, argv, description=__doc__.split("\n\n")[0], quick=QUICK, check=check)
 
 
 class SpiralDynamics(nn.Module):

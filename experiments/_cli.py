@@ -1,0 +1,50 @@
+"""Command-line plumbing shared by the experiment scripts: a typed settings dataclass becomes the flags.
+
+Each field is declared with :func:`opt` (default and help text); :func:`parse_config` builds
+one ``--flag`` per field (``--name/--no-name`` for booleans), applies ``--quick`` overrides,
+validates with the script's ``check`` and turns a ``ValueError`` into argparse's one-line
+usage error (exit code 2, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Callable, Optional, Sequence, Type, TypeVar
+
+C = TypeVar("C")
+
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def opt(default, help: str):
+    """A dataclass field with its --help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def parse_config(
+    cls: Type[C],
+    argv: Optional[Sequence[str]],
+    *,
+    description: str,
+    quick: dict,
+    check: Callable[[C], None],
+) -> C:
+    """Parse `argv` into an instance of the settings dataclass `cls`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=f"a short smoke-test run: {quick}")
+    for fld in dataclasses.fields(cls):
+        flag = "--" + fld.name.replace("_", "-")
+        help_text = f"{fld.metadata['help']} (default: {fld.default})"
+        kind = fld.type if isinstance(fld.type, str) else fld.type.__name__
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, type=_TYPES[kind], default=argparse.SUPPRESS, help=help_text)
+    args = vars(parser.parse_args(argv))
+    config = dataclasses.replace(cls(**(quick if args.pop("quick") else {})), **args)
+    try:
+        check(config)
+    except ValueError as err:
+        parser.error(str(err))  # exits with the usage line and the message
+    return config
