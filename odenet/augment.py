@@ -74,6 +74,17 @@ class Augment(nn.Module):
         return axis
 
     def forward(self, x: Tensor) -> Tensor:
+        """Append `dims` zeros along axis `dim`.
+
+        **Arguments:**
+
+        - `x`: a batched tensor `[B, features, ...]`.
+
+        **Returns:** `x` with `dims` more entries (zeros) on axis `dim`.
+
+        **Raises:** `TypeError` if `x` is not a tensor; `ValueError` if it has fewer than 2
+        axes or `dim` is not one of its non-batch axes.
+        """
         axis = self._axis(x)
         shape = list(x.shape)
         shape[axis] = self.dims
@@ -82,7 +93,14 @@ class Augment(nn.Module):
     def strip(self, x: Tensor) -> Tensor:
         """Drop the `dims` augmented entries of axis `dim` again (a view of the first `n` entries).
 
-        **Raises:** `ValueError` if the axis has no more than `dims` entries.
+        **Arguments:**
+
+        - `x`: a tensor this `Augment` produced (or one of the same shape).
+
+        **Returns:** a view of `x` without the last `dims` entries of axis `dim`.
+
+        **Raises:** `TypeError`/`ValueError` as in `forward`; `ValueError` if the axis has no
+        more than `dims` entries.
         """
         axis = self._axis(x)
         n = x.shape[axis] - self.dims
@@ -94,4 +112,5 @@ class Augment(nn.Module):
         return x.narrow(axis, 0, n)
 
     def extra_repr(self) -> str:
+        """**Returns:** the settings shown by `repr(augment)`, e.g. `"dims=2, dim=1"`."""
         return f"dims={self.dims}, dim={self.dim}"

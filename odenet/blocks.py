@@ -43,6 +43,9 @@ class ResBlock(nn.Module):
     `N` blocks `ResBlock(f, h=1/N, t=i/N)`, `i = 0..N-1`, compute exactly what
     `ODEBlock(f, solver="euler", steps=N)` computes (the same operations, bit for bit).
 
+    **Raises:** `TypeError` if `f` is not an `nn.Module` or `h`/`t` are not numbers;
+    `ValueError` for a non-finite `h` or `t`, or `h = 0`.
+
     **Example:**
 
     ```python
@@ -62,12 +65,21 @@ class ResBlock(nn.Module):
         self.t = _check_time("t", t)
 
     def forward(self, x: Tensor) -> Tensor:
+        """One Euler step from `x`.
+
+        **Arguments:**
+
+        - `x`: the input state.
+
+        **Returns:** `x + h · f(t, x)`, a tensor of `x`'s shape.
+        """
         # The same op as an Euler step of odenet's solver (torch.add with alpha), so that a
         # stack of ResBlocks equals ODEBlock(solver="euler") exactly.
         k = self.f(torch.full((), self.t, dtype=x.dtype, device=x.device), x)
         return torch.add(x, k, alpha=self.h)
 
     def extra_repr(self) -> str:
+        """**Returns:** the settings shown by `repr(block)`, e.g. `"h=0.5, t=0"`."""
         return f"h={self.h:g}, t={self.t:g}"
 
 
@@ -89,12 +101,16 @@ class ODEBlock(nn.Module):
       weighted term, a differentiable scalar, in `last_regularization` (add it to the loss).
       In eval mode, and in `solve`/`trajectory`, the plain ODE is solved and
       `last_regularization` is `None`.
-    - further keyword arguments (`first_step`, `min_step`, `max_steps`, `controller`,
+    - `**kwargs`: further keyword arguments (`first_step`, `min_step`, `max_steps`, `controller`,
       `adjoint_rtol`, `adjoint_atol`, `adjoint_seminorm`, `backend`, `throw`) as in `odenet.odeint`.
 
     Settings are validated here, so a bad combination fails at construction. After each
     call, `last_stats` holds the `odenet.SolveStats` of that solve (its backward counts fill
     in when `backward()` runs).
+
+    **Raises:** `ValueError`/`TypeError` for a bad setting or combination (as `odenet.odeint`
+    would raise it, naming the value and the fix), `t0 == t1`, an `f` that is not an
+    `nn.Module`, or a `regularization` that is not an `odenet.RNODE`.
 
     **Example:**
 
@@ -148,14 +164,26 @@ class ODEBlock(nn.Module):
     # convenient read-only views of the settings
     @property
     def solver(self):
+        """The solver object (an `odenet.solvers.ExplicitRK`), or its name with the torchdiffeq backend."""
         return self.options.solver
 
     @property
     def gradient(self) -> str:
+        """The gradient method: `"direct"`, `"adjoint"` or `"checkpoint"`."""
         return self.options.gradient
 
     def solve(self, x: Tensor, t: Optional[Union[Tensor, Sequence[float]]] = None) -> Solution:
-        """Integrate from `x` at `t[0]` and return the full `odenet.Solution` (default `t = [t0, t1]`)."""
+        """Integrate from `x` at `t[0]` and return the full `odenet.Solution` (default `t = [t0, t1]`).
+
+        **Arguments:**
+
+        - `x`: the initial state.
+        - `t`: the output times (default `(t0, t1)`).
+
+        **Returns:** an `odenet.Solution`; `last_stats` is set to its `stats`.
+
+        **Raises:** `odenet.SolverError` when the solver fails (unless built with `throw=False`).
+        """
         if t is None:
             t = (self.t0, self.t1)
         sol = solve_with_options(self.f, x, t, self.options)
@@ -163,6 +191,17 @@ class ODEBlock(nn.Module):
         return sol
 
     def forward(self, x: Tensor) -> Tensor:
+        """Integrate from `x` at `t0` to `t1`.
+
+        **Arguments:**
+
+        - `x`: the initial state.
+
+        **Returns:** `x(t1)`, a tensor of `x`'s shape. In training mode with `regularization`
+        set, `last_regularization` then holds the weighted regularisation term.
+
+        **Raises:** `odenet.SolverError` when the solver fails (unless built with `throw=False`).
+        """
         if self.regularization is not None and self.training:
             res = solve_regularized(self.f, x, (self.t0, self.t1), self.options, self.regularization)
             self.last_stats = res.solution.stats
@@ -172,10 +211,19 @@ class ODEBlock(nn.Module):
         return self.solve(x).ys[-1]
 
     def trajectory(self, x: Tensor, t: Union[Tensor, Sequence[float]]) -> Tensor:
-        """States at the times `t` (starting from `x` at `t[0]`), shape `[len(t), *x.shape]`."""
+        """States at the times `t` (starting from `x` at `t[0]`), shape `[len(t), *x.shape]`.
+
+        **Arguments:**
+
+        - `x`: the state at `t[0]`.
+        - `t`: the output times, a 1-D tensor or a sequence of numbers.
+
+        **Returns:** the states, a tensor of shape `[len(t), *x.shape]`.
+        """
         return self.solve(x, t).ys
 
     def extra_repr(self) -> str:
+        """**Returns:** the settings shown by `repr(block)`, e.g. `"solver='dopri5', t0=0, t1=1, ..."`."""
         o = self.options
         parts = [f"solver={o.solver_name!r}", f"t0={self.t0:g}", f"t1={self.t1:g}"]
         if o.adaptive:

@@ -36,6 +36,9 @@ class MLPDynamics(nn.Module):
     - `activation`: `"tanh"` (default), `"relu"`, `"softplus"`, `"elu"` or `"silu"`.
     - `time_dependent`: append `t` to the input of every linear layer (default `True`).
 
+    **Raises:** `TypeError`/`ValueError` if `dim`, `hidden` or `layers` is not a positive
+    integer or `activation` is not one of those names.
+
     **Example:**
 
     ```python
@@ -56,6 +59,17 @@ class MLPDynamics(nn.Module):
         self.act = _activation(activation)
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        """Evaluate `dx/dt`.
+
+        **Arguments:**
+
+        - `t`: the time, a 0-dim tensor.
+        - `x`: the state, shape `[..., dim]`.
+
+        **Returns:** `f(t, x)`, a tensor of `x`'s shape.
+
+        **Raises:** `ValueError` if the last axis of `x` is not `dim`.
+        """
         if x.shape[-1] != self.dim:
             raise ValueError(f"MLPDynamics(dim={self.dim}) got a state whose last axis is {x.shape[-1]} (shape {tuple(x.shape)}).")
         tt = t.to(x.dtype).expand(*x.shape[:-1], 1) if self.time_dependent else None
@@ -97,6 +111,9 @@ class ConvDynamics(nn.Module):
     - `groups`: GroupNorm groups (default `min(32, channels)`; must divide the channel counts).
     - `time_dependent`: feed `t` to the convolutions (default `True`).
 
+    **Raises:** `TypeError`/`ValueError` if `channels`, `hidden` or `groups` is not a positive
+    integer, or `groups` does not divide `channels` and `hidden`.
+
     **Example:**
 
     ```python
@@ -122,6 +139,17 @@ class ConvDynamics(nn.Module):
         self.act = nn.ReLU()
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        """Evaluate `dx/dt`.
+
+        **Arguments:**
+
+        - `t`: the time, a 0-dim tensor.
+        - `x`: the state, shape `[B, channels, H, W]`.
+
+        **Returns:** `f(t, x)`, a tensor of `x`'s shape.
+
+        **Raises:** `ValueError` if `x` is not 4-D with `channels` channels.
+        """
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"ConvDynamics(channels={self.channels}) needs a [B, {self.channels}, H, W] state, got shape {tuple(x.shape)}.")
         h = self.conv1(t, self.act(self.norm1(x)))

@@ -22,7 +22,24 @@ __all__ = ["SavedTensors", "saved_tensors", "median_time", "cuda_peak_memory", "
 
 @dataclass
 class SavedTensors:
-    """Tally filled in by :func:`saved_tensors`."""
+    """Tally filled in by :func:`saved_tensors`.
+
+    **Fields:**
+
+    - `bytes`: bytes of the distinct storages saved for backward (excluded tensors left out).
+    - `count`: number of pack calls (tensors saved, with repeats).
+
+    **Example:**
+
+    ```python
+    from odenet.measure import saved_tensors
+
+    x = torch.randn(100, requires_grad=True)
+    with saved_tensors() as saved:
+        y = (x * x).sum()
+    saved.bytes, saved.count, saved.megabytes  # x saved once: 400 bytes
+    ```
+    """
 
     bytes: int = 0  #: bytes of the distinct storages saved for backward (excluded tensors left out)
     count: int = 0  #: number of pack calls (tensors saved, with repeats)
@@ -30,6 +47,7 @@ class SavedTensors:
 
     @property
     def megabytes(self) -> float:
+        """`bytes` in MiB (2**20 bytes)."""
         return self.bytes / 2**20
 
 
@@ -48,6 +66,12 @@ def saved_tensors(exclude: Iterable[Tensor] = ()) -> Iterator[SavedTensors]:
     Each distinct storage counts once, so a tensor saved by several operations (or views
     of one buffer) is not double-counted. Pass `exclude=model.parameters()` to leave the
     parameters out and count activations only.
+
+    **Arguments:**
+
+    - `exclude`: tensors whose storages are not counted (e.g. `model.parameters()`).
+
+    **Returns:** a context manager that yields a `SavedTensors`, filled in as the block runs.
 
     **Example:**
 
@@ -81,14 +105,44 @@ def saved_tensors(exclude: Iterable[Tensor] = ()) -> Iterator[SavedTensors]:
 
 
 def synchronize(device) -> None:
-    """Wait for queued work on a CUDA device (no-op on CPU)."""
+    """Wait for queued work on a CUDA device (no-op on CPU).
+
+    **Arguments:**
+
+    - `device`: a `torch.device` or its name (`"cpu"`, `"cuda"`, `"cuda:1"`).
+
+    **Example:**
+
+    ```python
+    odenet.measure.synchronize("cpu")  # nothing to wait for
+    ```
+    """
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, device="cpu") -> float:
-    """Median wall time of `fn()` in seconds over `repeats` runs after `warmup` runs, CUDA synchronised."""
+    """Median wall time of `fn()` in seconds over `repeats` runs after `warmup` runs, CUDA synchronised.
+
+    **Arguments:**
+
+    - `fn`: the callable to time, called with no arguments.
+    - `repeats`: timed runs (default 5).
+    - `warmup`: untimed runs first (default 1).
+    - `device`: the device to synchronise before and after each run (default `"cpu"`).
+
+    **Returns:** the median time in seconds, a float.
+
+    **Raises:** `ValueError` if `repeats < 1`.
+
+    **Example:**
+
+    ```python
+    a = torch.randn(64, 64)
+    seconds = odenet.measure.median_time(lambda: a @ a, repeats=3)
+    ```
+    """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}.")
     for _ in range(warmup):
@@ -104,7 +158,24 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, dev
 
 
 def cuda_peak_memory(fn: Callable[[], object], device="cuda") -> Optional[int]:
-    """Peak bytes allocated on `device` while `fn()` runs, above what was allocated before; `None` off CUDA."""
+    """Peak bytes allocated on `device` while `fn()` runs, above what was allocated before; `None` off CUDA.
+
+    **Arguments:**
+
+    - `fn`: the callable to measure, called once with no arguments.
+    - `device`: the CUDA device (default `"cuda"`).
+
+    **Returns:** the peak in bytes (an int), or `None` when `device` is not CUDA or CUDA is
+    not available.
+
+    **Example:**
+
+    ```python
+    peak = odenet.measure.cuda_peak_memory(lambda: torch.randn(1024, 1024, device="cuda"))
+    peak  # bytes on a GPU
+    assert odenet.measure.cuda_peak_memory(lambda: None, device="cpu") is None
+    ```
+    """
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None

@@ -33,7 +33,21 @@ _TORCHDIFFEQ_NAMES = {"heun": "heun2"}
 
 @dataclass(frozen=True)
 class SolveOptions:
-    """Validated solver settings (made by :func:`make_options`; see :func:`odeint` for the fields)."""
+    """Validated solver settings (made by :func:`make_options`; see :func:`odeint` for the fields).
+
+    **Fields:** `solver` (a solver object, or a name with the torchdiffeq backend), `adaptive`,
+    `rtol`, `atol`, `steps`, `step_size`, `first_step`, `min_step`, `max_steps`, `controller`,
+    `gradient`, `adjoint_rtol`, `adjoint_atol`, `adjoint_seminorm`, `backend`, `throw`:
+
+    - each as the `odeint` argument of that name, after validation and defaults.
+
+    **Example:**
+
+    ```python
+    block = odenet.ODEBlock(odenet.MLPDynamics(dim=2), solver="rk4", steps=4)
+    assert block.options.solver_name == "rk4" and not block.options.adaptive
+    ```
+    """
 
     solver: Union[ExplicitRK, str]
     adaptive: bool
@@ -54,6 +68,7 @@ class SolveOptions:
 
     @property
     def solver_name(self) -> str:
+        """The solver's name, e.g. `"dopri5"`."""
         return self.solver if isinstance(self.solver, str) else self.solver.name
 
 
@@ -110,7 +125,28 @@ def make_options(
 ) -> SolveOptions:
     """Validate solver settings once, so that blocks fail at construction rather than in training.
 
+    **Arguments:**
+
+    - `solver`, `rtol`, `atol`, `steps`, `step_size`, `first_step`, `min_step`, `max_steps`,
+      `controller`, `gradient`, `adjoint_rtol`, `adjoint_atol`, `adjoint_seminorm`, `backend`,
+      `throw`: as in `odenet.odeint`.
+
+    **Returns:** a frozen `SolveOptions` with the defaults filled in.
+
     **Raises:** `ValueError`/`TypeError` naming the offending value and the fix.
+
+    **Example:**
+
+    ```python
+    from odenet.odeint import make_options
+
+    options = make_options("dopri5", rtol=1e-5, atol=1e-7)
+    assert options.adaptive and options.solver_name == "dopri5"
+    try:
+        make_options("rk4", rtol=1e-3)  # tolerances need an adaptive solver
+    except ValueError as err:
+        print(err)
+    ```
     """
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend {backend!r}; choose one of {BACKENDS}.")

@@ -84,7 +84,15 @@ class RNODE:
             raise ValueError(f"Unknown Hutchinson noise {self.noise!r}; choose one of {NOISES}.")
 
     def sample_noise(self, like: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        """A Hutchinson vector `ε` with `like`'s shape, dtype and device (`E[ε εᵀ] = I`)."""
+        """A Hutchinson vector `ε` with `like`'s shape, dtype and device (`E[ε εᵀ] = I`).
+
+        **Arguments:**
+
+        - `like`: a tensor whose shape, dtype and device to use.
+        - `generator`: an optional `torch.Generator` (default: the global one).
+
+        **Returns:** Gaussian or Rademacher noise (by `noise`), a tensor like `like`.
+        """
         eps = torch.randn(like.shape, dtype=like.dtype, device=like.device, generator=generator)
         if self.noise == "rademacher":
             eps = torch.where(eps >= 0, torch.ones_like(eps), -torch.ones_like(eps))
@@ -102,6 +110,19 @@ class RegularizedSolution(NamedTuple):
     - `kinetic`: per-sample `E = ∫ ||f||² dt`, shape `[B]`, or `None` when `λ_K = 0`.
     - `jacobian`: per-sample Hutchinson estimate of `J = ∫ ||∂f/∂x||_F² dt`, shape `[B]`, or
       `None` when `λ_J = 0`.
+
+    **Example:**
+
+    ```python
+    from odenet.odeint import make_options
+
+    f = odenet.MLPDynamics(dim=2, hidden=8)
+    options = make_options("rk4", steps=2)
+    res = odenet.regularization.solve_regularized(f, torch.randn(4, 2), (0.0, 1.0), options,
+                                                  odenet.RNODE(kinetic=0.1))
+    res.regularization.backward()
+    assert res.kinetic.shape == (4,) and res.jacobian is None
+    ```
     """
 
     solution: Solution

@@ -29,6 +29,14 @@ class Solution:
     - `message`: what happened and, on failure, what to try.
     - `steps`: every step attempted by the forward solve, as `StepInfo(t, h, accepted)`
       (start time, signed step size, accepted or rejected); empty for the torchdiffeq backend.
+
+    **Example:**
+
+    ```python
+    sol = odenet.odeint(lambda t, y: -y, torch.ones(2), torch.linspace(0, 1, 5), rtol=1e-5, atol=1e-7)
+    assert sol.success and sol.ys.shape == (5, 2)
+    sol.y_final, sol.stats.nfe_forward, len(sol.steps)
+    ```
     """
 
     ts: Tensor

@@ -34,6 +34,19 @@ class PIController:
     **Reference:** E. Hairer, G. Wanner, *Solving ODEs II*, IV.2; K. Gustafsson,
     *Control theoretic techniques for stepsize selection in explicit Runge–Kutta
     methods*, ACM TOMS 17(4), 1991.
+
+    **Raises:** `ValueError` for a non-positive or non-finite gain or factor, `safety >= 1`,
+    or factors that do not satisfy `dfactor < 1 < ifactor`.
+
+    **Example:**
+
+    ```python
+    from odenet.solvers import PIController
+
+    integral = PIController(pcoeff=0.0, icoeff=1.0)  # torchdiffeq's controller
+    sol = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], solver="dopri5",
+                        rtol=1e-6, atol=1e-8, controller=integral)
+    ```
     """
 
     pcoeff: float = 0.2
@@ -58,11 +71,28 @@ class PIController:
             )
 
     def exponent_order(self, error_order: int) -> int:
-        """`k` in the formula above for a method whose error estimate has order `error_order`."""
+        """`k` in the formula above for a method whose error estimate has order `error_order`.
+
+        **Arguments:**
+
+        - `error_order`: the order `q` of the method's error estimate.
+
+        **Returns:** `q` with `error_per_unit_step=True`, else `q + 1`.
+        """
         return error_order if self.error_per_unit_step else error_order + 1
 
     def factor(self, ratio: float, prev_ratio: float, accepted: bool, k: int) -> float:
-        """Multiplier for the step size given the current and previous error ratios."""
+        """Multiplier for the step size given the current and previous error ratios.
+
+        **Arguments:**
+
+        - `ratio`: the scaled error norm `r_n` of the step just taken.
+        - `prev_ratio`: `r_{n-1}`, that of the last accepted step.
+        - `accepted`: whether the step was accepted (a rejected step never grows `h`).
+        - `k`: the exponent order (`exponent_order`).
+
+        **Returns:** the factor `h_{n+1} / h_n`, within `[dfactor, ifactor]`.
+        """
         if ratio == 0.0:
             f = self.ifactor
         else:

@@ -80,7 +80,22 @@ class StepRecord(NamedTuple):
 
 
 class StepInfo(NamedTuple):
-    """One attempted step: start time, signed step size, and whether it was accepted."""
+    """One attempted step: start time, signed step size, and whether it was accepted.
+
+    **Fields:**
+
+    - `t`: the time at the start of the step.
+    - `h`: the step size, negative when integrating backwards.
+    - `accepted`: whether the error control accepted the step.
+
+    **Example:**
+
+    ```python
+    sol = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], rtol=1e-5, atol=1e-7)
+    rejected = [s for s in sol.steps if not s.accepted]
+    first = sol.steps[0]  # StepInfo(t=0.0, h=..., accepted=True)
+    ```
+    """
 
     t: float
     h: float

@@ -83,6 +83,9 @@ class ExplicitRK:
       method. `adaptive=False` runs an embedded method on a fixed grid, which is how
       its convergence order is measured.
 
+    **Raises:** `TypeError` if `tableau` is not a `ButcherTableau`; `ValueError` for
+    `adaptive=True` with a tableau that has no embedded error estimate.
+
     **Example:**
 
     ```python
@@ -116,10 +119,12 @@ class ExplicitRK:
     # ------------------------------------------------------------------ properties
     @property
     def name(self) -> str:
+        """The tableau's name, e.g. `"dopri5"`."""
         return self.tableau.name
 
     @property
     def order(self) -> int:
+        """The order of the method's solution (the higher of an embedded pair)."""
         return self.tableau.order
 
     def __repr__(self) -> str:
@@ -150,6 +155,19 @@ class ExplicitRK:
         (used when a step is recomputed for its gradient); with it, `last_stage=False` also
         skips an FSAL method's last evaluation `f(t1, y1)`, which only the error estimate,
         dense output and the next step need (`ks` then lacks that stage).
+
+        **Arguments:**
+
+        - `f`: the dynamics `f(t, y)`.
+        - `t`, `y`: time and state at the start of the step.
+        - `h`: the step size.
+        - `k1`: `f(t, y)` if already known (default: evaluated here).
+        - `with_error`: compute the local error estimate (adaptive solvers only).
+        - `last_stage`: evaluate an FSAL method's last stage even without the error estimate.
+
+        **Returns:** a `StepResult` named tuple `(y1, error, ks, k_next)`: the new state, the
+        error estimate (`None` for fixed steps or `with_error=False`), the stages, and
+        `f(t + h, y1)` for FSAL methods (else `None`).
         """
         tab = self.tableau
         if k1 is None:
@@ -177,7 +195,17 @@ class ExplicitRK:
         return StepResult(y1, error, ks, k_next)
 
     def interpolate(self, y0: Tensor, h: float, ks: List[Tensor], theta: float) -> Tensor:
-        """Dense output at `t0 + θ h` from the stages of the step that started at `(t0, y0)`."""
+        """Dense output at `t0 + θ h` from the stages of the step that started at `(t0, y0)`.
+
+        **Arguments:**
+
+        - `y0`: the state at the start of the step.
+        - `h`: the step size.
+        - `ks`: the stages `step` returned for that step.
+        - `theta`: the fraction of the step, in `[0, 1]`.
+
+        **Returns:** the interpolated state, a tensor of `y0`'s shape.
+        """
         weights = tuple(
             (i, sum(coef * theta ** (j + 1) for j, coef in enumerate(row))) for i, row in enumerate(self._dense)
         )
@@ -201,6 +229,20 @@ class Euler(_NamedRK):
     """Explicit Euler, order 1: one residual update `y + h f(t, y)` per step.
 
     Reference: L. Euler, Institutionum calculi integralis, 1768.
+
+    **Arguments:**
+
+    - `adaptive`: run with error control (default: `True` exactly when the method has an
+      embedded error estimate).
+
+    **Raises:** `ValueError` for `adaptive=True` on a method without an error estimate.
+
+    **Example:**
+
+    ```python
+    sol = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], solver=odenet.solvers.Euler(), steps=10)
+    sol.ys[-1]  # (1 - 0.1) ** 10, close to exp(-1)
+    ```
     """
 
     TABLEAU = EULER
@@ -210,6 +252,20 @@ class Midpoint(_NamedRK):
     """Explicit midpoint rule, order 2, second-order dense output.
 
     Reference: C. Runge, Math. Ann. 46, 1895.
+
+    **Arguments:**
+
+    - `adaptive`: run with error control (default: `True` exactly when the method has an
+      embedded error estimate).
+
+    **Raises:** `ValueError` for `adaptive=True` on a method without an error estimate.
+
+    **Example:**
+
+    ```python
+    solver = odenet.solvers.Midpoint()
+    sol = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], solver=solver, steps=10)
+    ```
     """
 
     TABLEAU = MIDPOINT
@@ -219,6 +275,20 @@ class Heun(_NamedRK):
     """Heun's method (explicit trapezoidal rule), order 2, second-order dense output.
 
     Reference: K. Heun, Z. Math. Phys. 45, 1900.
+
+    **Arguments:**
+
+    - `adaptive`: run with error control (default: `True` exactly when the method has an
+      embedded error estimate).
+
+    **Raises:** `ValueError` for `adaptive=True` on a method without an error estimate.
+
+    **Example:**
+
+    ```python
+    solver = odenet.solvers.Heun()
+    sol = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], solver=solver, steps=10)
+    ```
     """
 
     TABLEAU = HEUN
@@ -228,6 +298,21 @@ class RK4(_NamedRK):
     """The classical fourth-order Runge–Kutta method, third-order dense output.
 
     Reference: W. Kutta, Z. Math. Phys. 46, 1901.
+
+    **Arguments:**
+
+    - `adaptive`: run with error control (default: `True` exactly when the method has an
+      embedded error estimate).
+
+    **Raises:** `ValueError` for `adaptive=True` on a method without an error estimate.
+
+    **Example:**
+
+    ```python
+    solver = odenet.solvers.RK4()
+    sol = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], solver=solver, steps=4)
+    assert solver.order == 4 and not solver.adaptive
+    ```
     """
 
     TABLEAU = _RK4_TABLEAU
@@ -237,6 +322,21 @@ class Bosh3(_NamedRK):
     """Bogacki–Shampine 3(2): FSAL, adaptive, cubic Hermite dense output.
 
     Reference: P. Bogacki and L. F. Shampine, Appl. Math. Lett. 2(4), 1989.
+
+    **Arguments:**
+
+    - `adaptive`: run with error control (default: `True` exactly when the method has an
+      embedded error estimate).
+
+    **Raises:** `ValueError` for `adaptive=True` on a method without an error estimate.
+
+    **Example:**
+
+    ```python
+    sol = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], solver=odenet.solvers.Bosh3(),
+                        rtol=1e-5, atol=1e-7)
+    fixed = odenet.solvers.Bosh3(adaptive=False)  # the same method on a fixed grid
+    ```
     """
 
     TABLEAU = BOSH3
@@ -247,6 +347,21 @@ class Dopri5(_NamedRK):
 
     Reference: J. R. Dormand and P. J. Prince, J. Comput. Appl. Math. 6(1), 1980;
     L. F. Shampine, Math. Comp. 46(173), 1986.
+
+    **Arguments:**
+
+    - `adaptive`: run with error control (default: `True` exactly when the method has an
+      embedded error estimate).
+
+    **Raises:** `ValueError` for `adaptive=True` on a method without an error estimate.
+
+    **Example:**
+
+    ```python
+    sol = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], solver=odenet.solvers.Dopri5(),
+                        rtol=1e-6, atol=1e-8)
+    sol.stats.nfe_forward
+    ```
     """
 
     TABLEAU = DOPRI5
@@ -256,6 +371,20 @@ class Tsit5(_NamedRK):
     """Tsitouras 5(4): FSAL, adaptive, fourth-order dense output.
 
     Reference: Ch. Tsitouras, Comput. Math. Appl. 62(2), 2011.
+
+    **Arguments:**
+
+    - `adaptive`: run with error control (default: `True` exactly when the method has an
+      embedded error estimate).
+
+    **Raises:** `ValueError` for `adaptive=True` on a method without an error estimate.
+
+    **Example:**
+
+    ```python
+    sol = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], solver=odenet.solvers.Tsit5(),
+                        rtol=1e-6, atol=1e-8)
+    ```
     """
 
     TABLEAU = TSIT5

@@ -28,6 +28,14 @@ class SolveStats:
       solve.
     - `final_step`: the step size proposed after the last accepted step (adaptive) or
       the last step taken (fixed), signed by the direction of integration.
+
+    **Example:**
+
+    ```python
+    sol = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], solver="rk4", steps=5)
+    assert sol.stats.nfe_forward == 20 and sol.stats.n_accepted == 5
+    sol.stats.as_dict()
+    ```
     """
 
     nfe_forward: int = 0
@@ -44,7 +52,10 @@ class SolveStats:
         return self.nfe_forward + self.nfe_backward
 
     def as_dict(self) -> dict:
-        """The fields (and `nfe`) as a plain dict, e.g. for a JSON line."""
+        """The fields (and `nfe`) as a plain dict, e.g. for a JSON line.
+
+        **Returns:** a `dict` from field name to value, plus `"nfe"`.
+        """
         d = asdict(self)
         d["nfe"] = self.nfe
         return d

@@ -27,7 +27,15 @@ class Status(enum.Enum):
     NONFINITE = "nonfinite_state"
 
     def message(self, t: float = float("nan"), h: float = float("nan"), max_steps: int = 0, min_step=None) -> str:
-        """Human-readable explanation with the time `t`, step size `h` and limits filled in."""
+        """Human-readable explanation with the time `t`, step size `h` and limits filled in.
+
+        **Arguments:**
+
+        - `t`, `h`: the time and step size where the solve stopped.
+        - `max_steps`, `min_step`: the limits in force.
+
+        **Returns:** the message, a string that says what happened and what to try.
+        """
         if self is Status.SUCCESS:
             return "The solve succeeded."
         if self is Status.MAX_STEPS:
@@ -60,6 +68,22 @@ class SolverError(RuntimeError):
     :class:`Status`), `stats` (the partial `SolveStats`) and `solution` (the partial
     `Solution`, or `None` when the failure happened in the adjoint's backward pass).
     Pass `throw=False` to get the `Solution` with its status instead.
+
+    **Arguments:**
+
+    - `message`: the explanation (usually `status.message(...)`).
+    - `status`: the `Status` of the failed solve.
+    - `stats`: the partial `SolveStats` (default `None`).
+    - `solution`: the partial `Solution` (default `None`).
+
+    **Example:**
+
+    ```python
+    try:
+        odenet.odeint(lambda t, y: y**2, torch.ones(1), [0.0, 2.0], max_steps=20)
+    except odenet.SolverError as err:
+        assert err.status is odenet.Status.MAX_STEPS and err.solution is not None
+    ```
     """
 
     def __init__(self, message: str, status: Status, stats=None, solution=None):

@@ -63,6 +63,16 @@ class ButcherTableau:
     - `ValueError` if the arrays have inconsistent shapes, `c` does not equal the row
       sums of `a`, the weights do not sum to 1, or the dense output does not reproduce
       `b` at `θ = 1`.
+
+    **Example:**
+
+    ```python
+    from odenet.solvers import ButcherTableau, ExplicitRK
+
+    ralston = ButcherTableau(name="ralston", c=(0, 2 / 3), a=((), (2 / 3,)), b=(1 / 4, 3 / 4), order=2)
+    assert ralston.stages == 2 and not ralston.adaptive
+    sol = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], solver=ExplicitRK(ralston), steps=8)
+    ```
     """
 
     name: str
@@ -140,7 +150,14 @@ class ButcherTableau:
         return min(self.order, self.embedded_order)
 
     def dense_weights(self, theta: float) -> Tuple[float, ...]:
-        """The weights `b_i(θ)` of the continuous extension at `θ ∈ [0, 1]`."""
+        """The weights `b_i(θ)` of the continuous extension at `θ ∈ [0, 1]`.
+
+        **Arguments:**
+
+        - `theta`: the fraction of the step.
+
+        **Returns:** a tuple of `s` floats (equal to `b` at `θ = 1`).
+        """
         return tuple(sum(coef * theta ** (j + 1) for j, coef in enumerate(row)) for row in self.dense)
 
 
