@@ -27,7 +27,6 @@ set drawn from the same distribution; the NFE is that of one forward solve of th
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import sys
@@ -45,7 +44,7 @@ from odenet import plotting
 from odenet.odeint import make_options
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _cli import opt, parse_config  # noqa: E402
+from _common import opt, parse_config, save_figure  # noqa: E402
 
 
 @dataclass
@@ -210,17 +209,8 @@ def summarise(rows: List[dict]) -> Dict[str, dict]:
 
 
 def save(fig: Figure, name: str, config: AugmentedConfig) -> None:
-    """Write `fig` to the output directory and, with --gallery, a small copy (72 dpi, 128 colours)."""
-    fig.savefig(os.path.join(config.out, name), dpi=config.dpi)
-    if config.gallery:
-        from PIL import Image
-
-        os.makedirs(config.gallery, exist_ok=True)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=72)
-        buf.seek(0)
-        dest = os.path.join(config.gallery, "augmented_" + name)
-        Image.open(buf).convert("RGB").quantize(colors=128).save(dest, optimize=True)
+    """Write `fig` to the output directory and, with --gallery, a small copy."""
+    save_figure(fig, name, out=config.out, dpi=config.dpi, gallery=config.gallery, prefix="augmented_")
 
 
 def trajectory_figure(models: Dict[str, Classifier], x: Tensor, y: Tensor, config: AugmentedConfig) -> Figure:

@@ -38,7 +38,6 @@ epoch, one panel per family) and `results.json` (settings, per-run metrics, hist
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import os
@@ -56,7 +55,7 @@ import odenet
 from odenet.data import load_dataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _cli import opt, parse_config  # noqa: E402
+from _common import opt, parse_config, save_figure  # noqa: E402
 
 
 @dataclass
@@ -292,17 +291,8 @@ def training_figure(rows: List[dict], config: DegradationConfig) -> Figure:
 
 
 def save(fig: Figure, name: str, config: DegradationConfig) -> None:
-    """Write `fig` to the output directory and, with --gallery, a small copy (72 dpi, 128 colours)."""
-    fig.savefig(os.path.join(config.out, name), dpi=config.dpi)
-    if config.gallery:
-        from PIL import Image
-
-        os.makedirs(config.gallery, exist_ok=True)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=72)
-        buf.seek(0)
-        dest = os.path.join(config.gallery, "degradation_" + name)
-        Image.open(buf).convert("RGB").quantize(colors=128).save(dest, optimize=True)
+    """Write `fig` to the output directory and, with --gallery, a small copy."""
+    save_figure(fig, name, out=config.out, dpi=config.dpi, gallery=config.gallery, prefix="degradation_")
 
 
 def main(argv=None) -> dict:

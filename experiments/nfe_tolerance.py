@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 import json
 import os
 import sys
@@ -51,7 +50,7 @@ from odenet.data import load_dataset
 from odenet.odeint import make_options
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _cli import opt, parse_config  # noqa: E402
+from _common import opt, parse_config, save_figure  # noqa: E402
 
 
 @dataclass
@@ -282,17 +281,8 @@ def pareto_figure(sweeps, config: NFEToleranceConfig) -> Figure:
 
 
 def save(fig: Figure, name: str, config: NFEToleranceConfig) -> None:
-    """Write `fig` to the output directory and, with --gallery, a small copy (72 dpi, 128 colours)."""
-    fig.savefig(os.path.join(config.out, name), dpi=config.dpi)
-    if config.gallery:
-        from PIL import Image
-
-        os.makedirs(config.gallery, exist_ok=True)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=72)
-        buf.seek(0)
-        dest = os.path.join(config.gallery, "nfe_tolerance_" + name)
-        Image.open(buf).convert("RGB").quantize(colors=128).save(dest, optimize=True)
+    """Write `fig` to the output directory and, with --gallery, a small copy."""
+    save_figure(fig, name, out=config.out, dpi=config.dpi, gallery=config.gallery, prefix="nfe_tolerance_")
 
 
 def main(argv=None) -> dict:

@@ -20,7 +20,6 @@ snapshots), `snapshot_iterNNNN.png`, `training.png` (loss and NFE per iteration)
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import sys
@@ -38,7 +37,7 @@ from odenet import plotting
 from odenet.odeint import make_options
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _cli import opt, parse_config  # noqa: E402
+from _common import opt, parse_config, save_figure  # noqa: E402
 
 
 @dataclass
@@ -113,17 +112,8 @@ def check(config: SpiralConfig) -> None:
 
 
 def save(fig: Figure, name: str, config: SpiralConfig, gallery: bool = False) -> None:
-    """Write `fig` to the output directory and, for gallery figures, a small copy (72 dpi, 128 colours)."""
-    fig.savefig(os.path.join(config.out, name), dpi=config.dpi)
-    if gallery and config.gallery:
-        from PIL import Image
-
-        os.makedirs(config.gallery, exist_ok=True)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=72)
-        buf.seek(0)
-        dest = os.path.join(config.gallery, "spiral_" + name)
-        Image.open(buf).convert("RGB").quantize(colors=128).save(dest, optimize=True)
+    """Write `fig` to the output directory and, for gallery figures with --gallery, a small copy."""
+    save_figure(fig, name, out=config.out, dpi=config.dpi, gallery=config.gallery if gallery else None, prefix="spiral_")
 
 
 def snapshot_figure(true_y, pred_y, t, f, it: int, loss: float) -> Figure:

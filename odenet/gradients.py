@@ -25,7 +25,6 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .solvers.controller import PIController
 from .solvers.integrate import CountedFunc, LoopResult, integrate, rms_norm
 from .solvers.rk import ExplicitRK
 from .solvers.stats import SolveStats

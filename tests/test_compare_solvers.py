@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from odenet import ODEBlock, ResBlock
-from odenet.models import PRESETS, ContinuousDepthNet, ResidualSpec, StackedDynamics, build_model, count_parameters
-from odenet.training import (DistInfo, EvalConfig, activation_bytes, cross_evaluate, default_cross_eval_configs,
+from odenet.models import PRESETS, ResidualSpec, StackedDynamics, build_model, count_parameters
+from odenet.training import (EvalConfig, activation_bytes, cross_evaluate, default_cross_eval_configs,
                              evaluate, train)
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,6 @@ tableau; adding a method is adding one of these objects.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Optional, Sequence, Tuple

@@ -1,6 +1,6 @@
-"""Command-line plumbing shared by the experiment scripts: a typed settings dataclass becomes the flags.
+"""What the experiment scripts share: settings-dataclass flags and figure saving.
 
-Each field is declared with :func:`opt` (default and help text); :func:`parse_config` builds
+Each settings field is declared with :func:`opt` (default and help text); :func:`parse_config` builds
 one ``--flag`` per field (``--name/--no-name`` for booleans), applies ``--quick`` overrides,
 validates with the script's ``check`` and turns a ``ValueError`` into argparse's one-line
 usage error (exit code 2, no traceback).
@@ -10,11 +10,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
+import os
 from typing import Callable, Optional, Sequence, Type, TypeVar
 
 C = TypeVar("C")
 
 _TYPES = {"int": int, "float": float, "str": str}
+
+
+def save_figure(fig, name: str, *, out: str, dpi: int, gallery: Optional[str] = None, prefix: str = "") -> None:
+    """Write `fig` to `out/name` at `dpi` and, when `gallery` is a folder, a small copy for the
+    docs gallery (72 dpi, 128 colours) as `gallery/prefix + name`."""
+    fig.savefig(os.path.join(out, name), dpi=dpi)
+    if gallery:
+        from PIL import Image  # pillow: a matplotlib dependency
+
+        os.makedirs(gallery, exist_ok=True)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=72)
+        buf.seek(0)
+        Image.open(buf).convert("RGB").quantize(colors=128).save(os.path.join(gallery, prefix + name), optimize=True)
 
 
 def opt(default, help: str):
