@@ -222,6 +222,13 @@ class ODEBlock(nn.Module):
         """
         return self.solve(x, t).ys
 
+    def __getstate__(self):
+        # The last regularisation term is a non-leaf tensor of the last training step's graph:
+        # not part of the module's state, and deepcopy refuses to copy it.
+        state = self.__dict__.copy()
+        state["last_regularization"] = None
+        return state
+
     def extra_repr(self) -> str:
         """**Returns:** the settings shown by `repr(block)`, e.g. `"solver='dopri5', t0=0, t1=1, ..."`."""
         o = self.options

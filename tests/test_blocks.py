@@ -141,3 +141,14 @@ def test_block_repr():
     text = repr(block)
     assert "dopri5" in text and "rtol=0.001" in text and "adjoint" in text
     assert "h=0.5" in repr(odenet.ResBlock(odenet.MLPDynamics(2), h=0.5))
+
+
+def test_deepcopy_after_regularized_training_step():
+    """A snapshot (deepcopy) right after a training forward with RNODE must work."""
+    block = odenet.ODEBlock(odenet.MLPDynamics(2, 8), solver="rk4", steps=2, regularization=odenet.RNODE(kinetic=0.1))
+    x = torch.randn(4, 2)
+    block(x)
+    assert block.last_regularization is not None and block.last_regularization.grad_fn is not None
+    snapshot = copy.deepcopy(block)
+    assert snapshot.last_regularization is None
+    torch.testing.assert_close(snapshot.eval()(x), block.eval()(x))
