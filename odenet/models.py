@@ -108,6 +108,17 @@ class Conv1dDynamics(nn.Module):
         self.act = nn.ReLU()
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        """Evaluate the vector field.
+
+        **Arguments:**
+
+        - `t`: the time, a scalar tensor (an extra input channel when `time_dependent`).
+        - `x`: the state, `[B, channels, L]`.
+
+        **Returns:** `dx/dt`, a tensor of the shape of `x`.
+
+        **Raises:** `ValueError` when `x` is not a `[B, channels, L]` tensor.
+        """
         if x.dim() != 3 or x.shape[1] != self.channels:
             raise ValueError(f"Conv1dDynamics(channels={self.channels}) needs a [B, {self.channels}, L] state, got shape {tuple(x.shape)}.")
         h = self.conv1(t, self.act(self.norm1(x)))
@@ -128,6 +139,18 @@ class StackedDynamics(nn.Module):
 
     - `fs`: the dynamics modules, one per slice (at least one).
     - `t0`, `t1`: the interval the slices divide (default 0 to 1).
+
+    **Raises:** `ValueError` for an empty `fs`, or `t0 == t1`.
+
+    **Example:**
+
+    ```python
+    fs = [odenet.MLPDynamics(dim=2, hidden=8) for _ in range(3)]
+    f = odenet.models.StackedDynamics(fs)
+    assert [f.index(t) for t in (0.0, 0.5, 0.99)] == [0, 1, 2]
+    block = odenet.ODEBlock(f, solver="euler", steps=3)  # the untied 3-block ResNet
+    y = block(torch.randn(4, 2))
+    ```
     """
 
     def __init__(self, fs: Sequence[nn.Module], t0: float = 0.0, t1: float = 1.0):
@@ -143,12 +166,28 @@ class StackedDynamics(nn.Module):
     def index(self, t: float) -> int:
         """The slice `t` falls in; slice boundaries belong to the later slice (so Euler on the
         ResNet's own grid evaluates `fs[i]` at `t_i`). A relative tolerance of 1e-4 of a slice
-        absorbs float32 rounding of the grid times."""
+        absorbs float32 rounding of the grid times.
+
+        **Arguments:**
+
+        - `t`: a time in `[t0, t1]` (times outside are clamped to the first or last slice).
+
+        **Returns:** the slice index, an `int` in `0 .. len(fs) - 1`.
+        """
         n = len(self.fs)
         u = (t - self.t0) / (self.t1 - self.t0) * n
         return min(n - 1, max(0, math.floor(u + 1e-4)))
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        """Evaluate `fs[index(t)](t, x)`.
+
+        **Arguments:**
+
+        - `t`: the time, a scalar tensor.
+        - `x`: the state.
+
+        **Returns:** `dx/dt` from the dynamics module of the slice `t` falls in.
+        """
         return self.fs[self.index(float(t))](t, x)
 
 
@@ -180,6 +219,16 @@ class ResidualSpec:
     bad spec fails before any training.
 
     **Raises:** `ValueError`/`TypeError` naming the offending value and the fix.
+
+    **Example:**
+
+    ```python
+    spec = odenet.models.ResidualSpec("rk4", steps=2)
+    assert spec.describe() == "rk4 x2, direct" and not spec.adaptive
+    assert spec.block_kwargs() == {"gradient": "direct", "steps": 2}
+    ode = spec.replace(solver="dopri5", steps=None, gradient="adjoint")
+    assert ode.as_dict()["gradient"] == "adjoint" and "tied" in spec.field_names()
+    ```
     """
 
     solver: str = "dopri5"
@@ -215,10 +264,15 @@ class ResidualSpec:
 
     @property
     def adaptive(self) -> bool:
+        """Whether `solver` is an adaptive (step-size controlled) solver."""
         return make_options(self.solver).adaptive
 
     def block_kwargs(self) -> Dict[str, Any]:
-        """Keyword arguments for `ODEBlock` (everything but `solver` and `tied`)."""
+        """Keyword arguments for `ODEBlock` (everything but `solver` and `tied`).
+
+        **Returns:** a dict with `gradient` and every field that is set (not `None`, and
+        `adjoint_seminorm` only when `True`).
+        """
         kw: Dict[str, Any] = {"gradient": self.gradient}
         for name in ("steps", "rtol", "atol", "adjoint_rtol", "adjoint_atol", "max_steps"):
             value = getattr(self, name)
@@ -229,11 +283,18 @@ class ResidualSpec:
         return kw
 
     def as_dict(self) -> Dict[str, Any]:
-        """The fields as a plain dict (for JSON)."""
+        """The fields as a plain dict (for JSON).
+
+        **Returns:** a dict from field name to value.
+        """
         return asdict(self)
 
     def describe(self) -> str:
-        """A short human-readable summary, e.g. `dopri5 rtol=0.001 atol=0.001, adjoint`."""
+        """A short human-readable summary, e.g. `dopri5 rtol=0.001 atol=0.001, adjoint`.
+
+        **Returns:** the summary, a string: the solver with its tolerances (adaptive) or
+        step count (fixed-step), `untied` when so, and the gradient method.
+        """
         if self.adaptive:
             rtol = 1e-3 if self.rtol is None else self.rtol
             atol = 1e-3 if self.atol is None else self.atol
@@ -246,10 +307,24 @@ class ResidualSpec:
 
     @classmethod
     def field_names(cls) -> Tuple[str, ...]:
+        """The names of the fields, in declaration order.
+
+        **Returns:** a tuple of strings, `("solver", "steps", ...)`.
+        """
         return tuple(f.name for f in fields(cls))
 
     def replace(self, **changes) -> "ResidualSpec":
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again).
+
+        **Arguments:**
+
+        - `changes`: new values of fields, by name (e.g. `solver="rk4", steps=4`).
+
+        **Returns:** a new `ResidualSpec`.
+
+        **Raises:** `ValueError`/`TypeError` when the changed spec is invalid (as on
+        construction), or for a name that is not a field.
+        """
         return replace(self, **changes)
 
 
@@ -278,6 +353,22 @@ class ContinuousDepthNet(nn.Module):
 
     **Attributes:** `stem`, `residual` (an `nn.Sequential` of `ResBlock`s or one
     `ODEBlock`), `head`, `spec`.
+
+    **Raises:** `TypeError` when `spec` is not a `ResidualSpec`.
+
+    **Example:**
+
+    ```python
+    spec = odenet.models.ResidualSpec("euler", steps=3)
+    model = odenet.models.ContinuousDepthNet(
+        stem=nn.Linear(2, 8), head=nn.Linear(8, 2),
+        make_f=lambda: odenet.MLPDynamics(dim=8, hidden=16), spec=spec,
+    )
+    logits = model(torch.randn(4, 2))  # [4, 2]
+    assert model.solve_stats().nfe_forward == 3  # one evaluation per ResBlock
+    rk4 = model.with_solver("rk4", steps=2)  # the same parameters, another solver
+    assert rk4(torch.randn(4, 2)).shape == (4, 2) and rk4[1].f is model.dynamics()
+    ```
     """
 
     def __init__(self, stem: nn.Module, head: nn.Module, make_f, spec: ResidualSpec):
@@ -300,11 +391,22 @@ class ContinuousDepthNet(nn.Module):
         self.head = head
 
     def forward(self, x: Tensor) -> Tensor:
+        """Run `head(residual(stem(x)))`.
+
+        **Arguments:**
+
+        - `x`: a batch of inputs, `[B, *input_shape]`.
+
+        **Returns:** the logits, `[B, num_classes]`.
+        """
         return self.head(self.residual(self.stem(x)))
 
     def dynamics(self) -> nn.Module:
         """The vector field of the residual part: the one `f` (tied), or a `StackedDynamics`
-        of the per-block `f`s (untied)."""
+        of the per-block `f`s (untied).
+
+        **Returns:** an `nn.Module` `f(t, x)` holding this model's parameters (not a copy).
+        """
         if isinstance(self.residual, ODEBlock):
             return self.residual.f
         fs = [block.f for block in self.residual]
@@ -316,6 +418,12 @@ class ContinuousDepthNet(nn.Module):
         """A model sharing this one's stem, dynamics and head (the same parameters), with the
         residual part run as `ODEBlock(self.dynamics(), solver, **block_kwargs)` on [0, 1].
 
+        **Arguments:**
+
+        - `solver`: a name from `odenet.SOLVERS`.
+        - `block_kwargs`: further keyword arguments of `ODEBlock`, e.g. `steps=4` or
+          `rtol=1e-5, atol=1e-5`.
+
         **Returns:** an `nn.Sequential(stem, ODEBlock, head)`; its block is at index 1.
         """
         return nn.Sequential(self.stem, ODEBlock(self.dynamics(), solver, **block_kwargs), self.head)
@@ -325,6 +433,8 @@ class ContinuousDepthNet(nn.Module):
 
         For an `ODEBlock`, its `last_stats`; for a stack of `ResBlock`s, one evaluation and
         one accepted step per block (their backward replays the graph: no evaluations).
+
+        **Returns:** a `odenet.SolveStats`.
         """
         return residual_stats(self.residual)
 
@@ -350,7 +460,20 @@ def residual_stats(module: nn.Module) -> SolveStats:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of distinct trainable parameters (shared modules counted once)."""
+    """Number of distinct trainable parameters (shared modules counted once).
+
+    **Arguments:**
+
+    - `model`: the module.
+
+    **Returns:** the number of elements of its parameters with `requires_grad`, an `int`.
+
+    **Example:**
+
+    ```python
+    assert odenet.models.count_parameters(nn.Linear(3, 2)) == 8
+    ```
+    """
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -387,6 +510,14 @@ def build_model(
     **Returns:** a `ContinuousDepthNet`.
 
     **Raises:** `ValueError` for an input shape of another rank, or bad sizes.
+
+    **Example:**
+
+    ```python
+    spec = odenet.models.PRESETS["rk-net"]
+    model = odenet.models.build_model((1, 40), num_classes=10, spec=spec, width=8)
+    logits = model(torch.randn(2, 1, 40))  # [2, 10]
+    ```
     """
     shape = tuple(int(s) for s in input_shape)
     if not shape or any(s < 1 for s in shape):

@@ -51,7 +51,23 @@ __all__ = [
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process stands: `rank` of `world_size` processes (1 without torchrun), its `device`."""
+    """Where this process stands: `rank` of `world_size` processes (1 without torchrun), its `device`.
+
+    **Fields:**
+
+    - `rank`: this process's global rank (default 0).
+    - `world_size`: number of processes (default 1).
+    - `local_rank`: this process's rank on its node, the GPU index it uses (default 0).
+    - `device`: the `torch.device` this process computes on (default CPU).
+
+    **Example:**
+
+    ```python
+    info = odenet.training.DistInfo()
+    assert info.is_main and not info.distributed
+    assert odenet.training.DistInfo(rank=1, world_size=2).distributed
+    ```
+    """
 
     rank: int = 0
     world_size: int = 1
@@ -60,17 +76,33 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
+        """Whether more than one process takes part (`world_size > 1`)."""
         return self.world_size > 1
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0, the process that logs and writes results."""
         return self.rank == 0
 
 
 def resolve_device(device: str) -> torch.device:
     """`"auto"` (CUDA when available, else CPU), `"cpu"` or `"cuda"`/`"cuda:N"`.
 
-    **Raises:** `ValueError` for another name, or CUDA asked for where none is available.
+    **Arguments:**
+
+    - `device`: the name, `"auto"`, `"cpu"`, `"cuda"` or `"cuda:N"`.
+
+    **Returns:** the `torch.device`.
+
+    **Raises:** `TypeError` when `device` is not a string; `ValueError` for another name,
+    or CUDA asked for where none is available.
+
+    **Example:**
+
+    ```python
+    assert odenet.training.resolve_device("cpu") == torch.device("cpu")
+    device = odenet.training.resolve_device("auto")  # cuda when available
+    ```
     """
     if not isinstance(device, str):
         raise TypeError(f"device must be a string ('auto', 'cpu' or 'cuda'), got {type(device).__name__}.")
@@ -96,6 +128,16 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     - `device`: `"auto"`, `"cpu"` or `"cuda"` (see `resolve_device`).
 
     **Returns:** a `DistInfo`.
+
+    **Raises:** `TypeError`/`ValueError` for a bad `device` (see `resolve_device`).
+
+    **Example:**
+
+    ```python
+    info = odenet.training.setup_distributed("cpu")  # without torchrun: one process
+    assert info.world_size == 1 and info.is_main
+    odenet.training.cleanup_distributed()
+    ```
     """
     dev = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -111,7 +153,18 @@ def setup_distributed(device: str = "auto") -> DistInfo:
 
 
 def cleanup_distributed() -> None:
-    """Tear down the process group if one was initialised."""
+    """Tear down the process group if one was initialised (otherwise do nothing).
+
+    **Example:**
+
+    ```python
+    info = odenet.training.setup_distributed("cpu")
+    try:
+        pass  # train and evaluate here
+    finally:
+        odenet.training.cleanup_distributed()
+    ```
+    """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -121,7 +174,28 @@ def cleanup_distributed() -> None:
 
 @dataclass
 class EpochRecord:
-    """What one training epoch cost (means over its batches, over all processes)."""
+    """What one training epoch cost (means over its batches, over all processes).
+
+    **Fields:**
+
+    - `epoch`: the epoch's index, from 0.
+    - `loss`: mean cross-entropy loss over the epoch's examples.
+    - `train_accuracy`: share of the epoch's examples classified correctly (in training mode).
+    - `nfe_forward`, `nfe_backward`: function evaluations per batch, forward and backward.
+    - `n_accepted`, `n_rejected`: accepted and rejected steps per batch, forward.
+    - `n_accepted_backward`, `n_rejected_backward`: the same for the backward (adjoint) solve.
+    - `seconds`: wall time of the epoch (the slowest process's).
+
+    **Example:**
+
+    ```python
+    data = odenet.data.make_spheres(n_train=16, n_test=8)
+    spec = odenet.models.ResidualSpec("euler", steps=2)
+    model = odenet.models.build_model(data.input_shape, data.num_classes, spec, width=8)
+    record = odenet.training.train(model, data.x_train, data.y_train, epochs=1, batch_size=8).last
+    assert record.epoch == 0 and record.nfe_forward == 2  # two ResBlocks, one evaluation each
+    ```
+    """
 
     epoch: int
     loss: float
@@ -137,16 +211,34 @@ class EpochRecord:
 
 @dataclass
 class TrainResult:
-    """History of a training run: one `EpochRecord` per epoch."""
+    """History of a training run: one `EpochRecord` per epoch.
+
+    **Fields:**
+
+    - `history`: the `EpochRecord`s, in order (default empty).
+
+    **Example:**
+
+    ```python
+    data = odenet.data.make_spheres(n_train=16, n_test=8)
+    spec = odenet.models.ResidualSpec("euler", steps=2)
+    model = odenet.models.build_model(data.input_shape, data.num_classes, spec, width=8)
+    result = odenet.training.train(model, data.x_train, data.y_train, epochs=2, batch_size=8)
+    assert len(result.history) == 2 and result.last is result.history[-1]
+    result.seconds_per_epoch  # mean wall time of an epoch
+    ```
+    """
 
     history: List[EpochRecord] = field(default_factory=list)
 
     @property
     def last(self) -> EpochRecord:
+        """The last epoch's `EpochRecord` (`IndexError` when there is none)."""
         return self.history[-1]
 
     @property
     def seconds_per_epoch(self) -> float:
+        """Mean wall time of an epoch in seconds (0 for an empty history)."""
         return sum(r.seconds for r in self.history) / max(1, len(self.history))
 
 
@@ -214,6 +306,16 @@ def train(
 
     **Raises:** `ValueError` for non-positive `epochs`/`batch_size`/`lr`, or a batch size
     smaller than the number of processes.
+
+    **Example:**
+
+    ```python
+    data = odenet.data.make_spheres(n_train=16, n_test=8)
+    spec = odenet.models.ResidualSpec("euler", steps=2)
+    model = odenet.models.build_model(data.input_shape, data.num_classes, spec, width=8)
+    result = odenet.training.train(model, data.x_train, data.y_train, epochs=1, batch_size=8, lr=1e-2)
+    result.last.loss, result.last.nfe_forward
+    ```
     """
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -303,6 +405,16 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 1000, 
 
     **Returns:** a dict with `accuracy`, and per batch means of `nfe_forward`, `n_accepted`,
     `n_rejected`; `ok` is `False` (and `accuracy` NaN, `message` set) when a solve failed.
+
+    **Example:**
+
+    ```python
+    data = odenet.data.make_spheres(n_train=16, n_test=8)
+    spec = odenet.models.ResidualSpec("euler", steps=2)
+    model = odenet.models.build_model(data.input_shape, data.num_classes, spec, width=8)
+    scores = odenet.training.evaluate(model, data.x_test, data.y_test, batch_size=4)
+    assert scores["ok"] and 0 <= scores["accuracy"] <= 1 and scores["nfe_forward"] == 2
+    ```
     """
     if device is None:
         device = next(model.parameters()).device
@@ -336,7 +448,22 @@ def activation_bytes(model: nn.Module, x: Tensor, y: Tensor) -> Dict[str, float]
     (parameters excluded), counted with `odenet.measure.saved_tensors`, and the step's
     forward evaluations.
 
+    **Arguments:**
+
+    - `model`: a `ContinuousDepthNet`, or any module containing `ODEBlock`s/`ResBlock`s.
+    - `x`, `y`: one training batch, inputs and labels (on the model's device).
+
     **Returns:** a dict with `bytes` and `nfe_forward`.
+
+    **Example:**
+
+    ```python
+    data = odenet.data.make_spheres(n_train=16, n_test=8)
+    spec = odenet.models.ResidualSpec("euler", steps=2)
+    model = odenet.models.build_model(data.input_shape, data.num_classes, spec, width=8)
+    cost = odenet.training.activation_bytes(model, data.x_train[:8], data.y_train[:8])
+    assert cost["bytes"] > 0 and cost["nfe_forward"] == 2
+    ```
     """
     was_training = model.training
     model.train()
@@ -368,6 +495,17 @@ def activation_sweep(model: ContinuousDepthNet, x: Tensor, y: Tensor, settings: 
 
     **Returns:** one dict per setting: the setting's fields, `bytes`, `nfe_forward`, and
     `ok`/`message` (a failed solve gives `ok=False`).
+
+    **Example:**
+
+    ```python
+    data = odenet.data.make_spheres(n_train=16, n_test=8)
+    spec = odenet.models.ResidualSpec("euler", steps=2)
+    model = odenet.models.build_model(data.input_shape, data.num_classes, spec, width=8)
+    settings = [dict(solver="euler", steps=2), dict(solver="rk4", steps=2, gradient="checkpoint")]
+    rows = odenet.training.activation_sweep(model, data.x_train[:8], data.y_train[:8], settings)
+    assert [row["ok"] for row in rows] == [True, True]
+    ```
     """
     out = []
     for setting in settings:
@@ -384,7 +522,27 @@ def activation_sweep(model: ContinuousDepthNet, x: Tensor, y: Tensor, settings: 
 
 def inference_time(model: nn.Module, x: Tensor, *, repeats: int = 5, device=None) -> float:
     """Median wall time in seconds of one forward pass on `x` in eval mode without gradients
-    (`odenet.measure.median_time`, CUDA synchronised)."""
+    (`odenet.measure.median_time`, CUDA synchronised).
+
+    **Arguments:**
+
+    - `model`: the module to time.
+    - `x`: the input batch (on the model's device).
+    - `repeats`: number of timed passes (default 5), after one warm-up pass.
+    - `device`: the device to synchronise (default: where the model's parameters are).
+
+    **Returns:** the median time in seconds, a `float`.
+
+    **Example:**
+
+    ```python
+    data = odenet.data.make_spheres(n_train=16, n_test=8)
+    spec = odenet.models.ResidualSpec("euler", steps=2)
+    model = odenet.models.build_model(data.input_shape, data.num_classes, spec, width=8)
+    seconds = odenet.training.inference_time(model, data.x_test, repeats=3)
+    assert seconds > 0
+    ```
+    """
     if device is None:
         device = next(model.parameters()).device
     was_training = model.training
@@ -402,7 +560,25 @@ def inference_time(model: nn.Module, x: Tensor, *, repeats: int = 5, device=None
 
 def training_step_peak_cuda(model: nn.Module, x: Tensor, y: Tensor) -> Optional[int]:
     """Peak CUDA bytes of one forward and backward pass on `(x, y)` above what was allocated
-    before (`odenet.measure.cuda_peak_memory`); `None` off CUDA. Gradients are cleared after."""
+    before (`odenet.measure.cuda_peak_memory`); `None` off CUDA. Gradients are cleared after.
+
+    **Arguments:**
+
+    - `model`: the module (its parameters' device decides where the step runs).
+    - `x`, `y`: one training batch, inputs and labels (on the model's device).
+
+    **Returns:** the peak in bytes (an `int`), or `None` when the model is not on CUDA.
+
+    **Example:**
+
+    ```python
+    data = odenet.data.make_spheres(n_train=16, n_test=8)
+    spec = odenet.models.ResidualSpec("euler", steps=2)
+    model = odenet.models.build_model(data.input_shape, data.num_classes, spec, width=8)
+    peak = odenet.training.training_step_peak_cuda(model, data.x_train[:8], data.y_train[:8])
+    assert peak is None  # the model is on the CPU; on a GPU, the peak in bytes
+    ```
+    """
     device = next(model.parameters()).device
 
     def step():
@@ -420,7 +596,23 @@ def training_step_peak_cuda(model: nn.Module, x: Tensor, y: Tensor) -> Optional[
 @dataclass(frozen=True)
 class EvalConfig:
     """A solver setting to re-evaluate a trained `f` under: `steps` for fixed-step solvers,
-    `rtol`/`atol` for adaptive ones."""
+    `rtol`/`atol` for adaptive ones.
+
+    **Fields:**
+
+    - `solver`: a name from `odenet.SOLVERS`.
+    - `steps`: number of steps of a fixed-step solver.
+    - `rtol`, `atol`: tolerances of an adaptive solver (`atol` defaults to `rtol`).
+
+    **Example:**
+
+    ```python
+    cfg = odenet.training.EvalConfig("dopri5", rtol=1e-4)
+    assert cfg.label == "dopri5 tol=0.0001"
+    assert cfg.block_kwargs() == {"rtol": 1e-4, "atol": 1e-4, "max_steps": 1000}
+    assert odenet.training.EvalConfig("rk4", steps=2).block_kwargs() == {"steps": 2}
+    ```
+    """
 
     solver: str
     steps: Optional[int] = None
@@ -429,11 +621,17 @@ class EvalConfig:
 
     @property
     def label(self) -> str:
+        """A short name for tables and plots, e.g. `euler x4` or `dopri5 tol=0.001`."""
         if self.steps is not None:
             return f"{self.solver} x{self.steps}"
         return f"{self.solver} tol={self.rtol:g}"
 
     def block_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments for `ODEBlock` (and `ContinuousDepthNet.with_solver`).
+
+        **Returns:** a dict with `steps` (when set), or `rtol`, `atol` and `max_steps=1000`
+        (when `rtol` is set).
+        """
         kw: Dict[str, Any] = {}
         if self.steps is not None:
             kw["steps"] = self.steps
@@ -447,7 +645,23 @@ def default_cross_eval_configs(
     rk4_steps: Sequence[int] = (1, 2, 4, 8),
     dopri5_tols: Sequence[float] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5),
 ) -> List[EvalConfig]:
-    """Euler at several step counts, RK4 at several step counts, dopri5 at several tolerances (`rtol = atol`)."""
+    """Euler at several step counts, RK4 at several step counts, dopri5 at several tolerances (`rtol = atol`).
+
+    **Arguments:**
+
+    - `euler_steps`: step counts of the Euler settings.
+    - `rk4_steps`: step counts of the RK4 settings.
+    - `dopri5_tols`: tolerances of the dopri5 settings (each used as `rtol` and `atol`).
+
+    **Returns:** a list of `EvalConfig`s: the Euler ones, then RK4, then dopri5.
+
+    **Example:**
+
+    ```python
+    configs = odenet.training.default_cross_eval_configs(euler_steps=(2, 4), rk4_steps=(1,), dopri5_tols=(1e-3,))
+    assert [c.label for c in configs] == ["euler x2", "euler x4", "rk4 x1", "dopri5 tol=0.001"]
+    ```
+    """
     configs = [EvalConfig("euler", steps=n) for n in euler_steps]
     configs += [EvalConfig("rk4", steps=n) for n in rk4_steps]
     configs += [EvalConfig("dopri5", rtol=tol, atol=tol) for tol in dopri5_tols]
@@ -473,6 +687,19 @@ def cross_evaluate(
 
     **Returns:** one dict per config: `solver`, `steps`, `rtol`, `atol`, `label`, and the
     `evaluate` fields (`accuracy`, `nfe_forward`, `n_accepted`, `n_rejected`, `ok`, `message`).
+
+    **Raises:** `TypeError` when `configs` holds something other than `EvalConfig`s.
+
+    **Example:**
+
+    ```python
+    data = odenet.data.make_spheres(n_train=16, n_test=8)
+    spec = odenet.models.ResidualSpec("euler", steps=2)
+    model = odenet.models.build_model(data.input_shape, data.num_classes, spec, width=8)
+    configs = odenet.training.default_cross_eval_configs(euler_steps=(1, 4), rk4_steps=(1,), dopri5_tols=(1e-2,))
+    rows = odenet.training.cross_evaluate(model, data.x_test, data.y_test, configs)
+    [(row["label"], row["accuracy"], row["nfe_forward"]) for row in rows]
+    ```
     """
     rows = []
     for cfg in configs:
