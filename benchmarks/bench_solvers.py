@@ -659,7 +659,8 @@ class Case:
     train: bool = False
     unit: Optional[Callable[[], Any]] = None  # the timed unit of work
     instrumented: Optional[SolveFn] = None  # a solve with exact counting
-    times: List[float] = field(default_factory=list)
+    times: List[float] = field(default_factory=list)  # per-run time of each timed sample
+    inner: int = 1  # back-to-back runs per timed sample (see time_cases)
     error: Optional[str] = None
     record: Dict[str, Any] = field(default_factory=dict)
 
@@ -712,7 +713,13 @@ def _err(err: BaseException) -> str:
 
 def time_cases(cases: List[Case], cfg: Config, probe: Optional[FProbe] = None) -> None:
     """Warm up every case, then run `repeats` rounds, each case once per round in rotating
-    order; `probe` (if given) times f alone once per round, at a rotating position too."""
+    order; `probe` (if given) times f alone once per round, at a rotating position too.
+
+    A timed sample of a case is `inner` back-to-back runs (as many as fill about 5 ms, at most
+    50), recorded as the time per run. Like the probe's samples of f, it then measures a warm
+    solve: a single run right after another library's work or the probe starts cold (caches,
+    allocator), which at the smallest sizes added as much again as the solver's own cost.
+    """
     kinds = ("f", "fb") if any(c.train for c in cases) else ("f",)
     live = [c for c in cases if c.error is None]
     for c in live:
@@ -720,6 +727,10 @@ def time_cases(cases: List[Case], cfg: Config, probe: Optional[FProbe] = None) -
             for _ in range(cfg.warmup):
                 c.unit()
             _sync(cfg.device)
+            s = time.perf_counter()
+            c.unit()
+            _sync(cfg.device)
+            c.inner = int(min(max(math.ceil(0.005 / max(time.perf_counter() - s, 1e-7)), 1), 50))
         except Exception as err:
             c.error = _err(err)
             if os.environ.get("BENCH_DEBUG"):
@@ -738,9 +749,10 @@ def time_cases(cases: List[Case], cfg: Config, probe: Optional[FProbe] = None) -
             try:
                 _sync(cfg.device)
                 s = time.perf_counter()
-                c.unit()
+                for _ in range(c.inner):
+                    c.unit()
                 _sync(cfg.device)
-                c.times.append(time.perf_counter() - s)
+                c.times.append((time.perf_counter() - s) / c.inner)
             except Exception as err:
                 c.error = _err(err)
 
