@@ -153,9 +153,8 @@ class _RegularizedDynamics(nn.Module):
         x = z[:, : self.n].reshape(self.shape)
         with torch.enable_grad():
             if self.eps is not None and not (outer_grad and x.requires_grad):
-                # A fresh leaf to differentiate against. Outside grad mode this is needed even when
-                # x.requires_grad is set: a view taken under no_grad (the adjoint's forward solve
-                # hands f its requires-grad y0) gives wrong vector-Jacobian products.
+                # A fresh leaf to differentiate against: outside grad mode (the no-grad forward
+                # solve of the adjoint and checkpoint methods) x is not part of any graph.
                 x = x.detach().requires_grad_(True)
             fx = self.f(t, x)
             parts = [fx.reshape(batch, -1)]
