@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -255,7 +256,7 @@ def _check_inputs(f, y0, t) -> Tuple[Tensor, List[float]]:
             raise TypeError(f"t must be a 1-D tensor or a sequence of numbers, got {t!r}.") from None
         if t_tensor.dim() != 1:
             raise ValueError(f"t must be a flat sequence of times, got shape {tuple(t_tensor.shape)}.")
-    ts = [float(x) for x in t_tensor.detach().cpu().double().tolist()]
+    ts = t_tensor.detach().tolist()  # Python floats (exact for every floating dtype); one host read
     if len(ts) < 2:
         raise ValueError(f"t needs at least two times (start and end), got {ts}.")
     if not all(math.isfinite(x) for x in ts):
@@ -460,9 +461,27 @@ def odeint(
     sol.ys.shape, sol.stats.nfe_forward
     ```
     """
-    opts = make_options(
+    args = (solver, rtol, atol, steps, step_size, first_step, min_step, max_steps, controller, gradient,
+            adjoint_rtol, adjoint_atol, adjoint_seminorm, backend, throw)
+    try:
+        opts = _cached_options(*args)
+    except TypeError as err:  # an unhashable argument: validate without the cache (and raise its error)
+        if "unhashable" not in str(err):
+            raise
+        opts = _options_from_args(*args)
+    return solve_with_options(f, y0, t, opts, adjoint_params)
+
+
+def _options_from_args(solver, rtol, atol, steps, step_size, first_step, min_step, max_steps, controller, gradient,
+                       adjoint_rtol, adjoint_atol, adjoint_seminorm, backend, throw) -> SolveOptions:
+    return make_options(
         solver, rtol=rtol, atol=atol, steps=steps, step_size=step_size, first_step=first_step, min_step=min_step,
         max_steps=max_steps, controller=controller, gradient=gradient, adjoint_rtol=adjoint_rtol,
         adjoint_atol=adjoint_atol, adjoint_seminorm=adjoint_seminorm, backend=backend, throw=throw,
     )
-    return solve_with_options(f, y0, t, opts, adjoint_params)
+
+
+# `odeint` is called in training loops with the same settings every time: validate each
+# combination once. `typed=True` keeps 1, 1.0 and True apart, so a bool where a number belongs
+# still fails validation; solvers and controllers are immutable and compare by value.
+_cached_options = functools.lru_cache(maxsize=256, typed=True)(_options_from_args)

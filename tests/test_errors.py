@@ -135,6 +135,23 @@ def test_nonfinite_initial_state():
     assert info.value.status is odenet.Status.NONFINITE
 
 
+@pytest.mark.parametrize("first_step", [None, 0.1])
+def test_nonfinite_initial_derivative(first_step):
+    """inf in f(t0, y0), found both by the initial-step heuristic and without it."""
+    sol = odenet.odeint(lambda t, y: y / 0.0, torch.ones(3), [0.0, 1.0], first_step=first_step, throw=False)
+    assert sol.status is odenet.Status.NONFINITE
+    assert sol.stats.nfe_forward == 1  # no further evaluation once the start is non-finite
+    assert torch.isnan(sol.ys[-1]).all()
+
+
+def test_huge_but_finite_derivative_is_not_a_failure():
+    """|f| / atol overflows float32 in the initial-step norms; the solve must still run (it used
+    to divide by a zero first step) and track y = 1 + 1e37 t."""
+    sol = odenet.odeint(lambda t, y: torch.full_like(y, 1e37), torch.ones(4), [0.0, 1.0], rtol=1e-7, atol=1e-9)
+    assert sol.status is odenet.Status.SUCCESS
+    torch.testing.assert_close(sol.ys[-1], torch.full((4,), 1e37), rtol=1e-6, atol=0)
+
+
 def test_nonfinite_during_solve_adaptive_terminates():
     """f returns NaN beyond t = 0.5: steps keep being rejected, then a clear failure (no hang)."""
 
@@ -147,9 +164,17 @@ def test_nonfinite_during_solve_adaptive_terminates():
     assert "NaN" in sol.message
 
 
-def test_nonfinite_fixed_step():
-    sol = odenet.odeint(lambda t, y: y * 1e300, torch.ones(2, dtype=torch.float64), [0.0, 1.0], solver="euler", steps=5, throw=False)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_nonfinite_fixed_step(bad):
+    f = (lambda t, y: y * 1e300) if bad == float("inf") else (lambda t, y: y * bad)
+    sol = odenet.odeint(f, torch.ones(2, dtype=torch.float64), [0.0, 1.0], solver="euler", steps=5, throw=False)
     assert sol.status is odenet.Status.NONFINITE
+
+
+def test_fixed_step_large_finite_state_is_success():
+    """The end-of-solve check is a max-norm, which cannot overflow the way a sum could."""
+    sol = odenet.odeint(lambda t, y: y, torch.full((1000,), 3e38), [0.0, 0.01], solver="euler", steps=1, throw=False)
+    assert torch.isfinite(sol.ys[-1]).all() and sol.status is odenet.Status.SUCCESS
 
 
 def test_torchdiffeq_backend_max_steps():

@@ -164,19 +164,43 @@ def test_time_dependent_closed_form():
         torch.testing.assert_close(ys, truth, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", odenet.SOLVERS)
-def test_stage_times(name):
-    """f is evaluated at t + c_i h for every stage of a step (recording f)."""
+def test_stage_times(name, dtype):
+    """f is evaluated at t + c_i h for every stage of every step, with t a 0-dim tensor of the
+    state's dtype (the fixed-step loop makes all of them at once)."""
     seen = []
 
     def f(t, y):
-        seen.append(float(t))
+        assert isinstance(t, torch.Tensor) and t.dim() == 0 and t.dtype == dtype
+        seen.append(t.item())
         return torch.zeros_like(y)
 
     solver = SOLVERS[name](adaptive=False)
-    odenet.odeint(f, torch.zeros(1, dtype=torch.float64), [0.5, 0.9], solver=solver, steps=1)
-    expected = [0.5 + c * 0.4 for c in solver.tableau.c]  # FSAL methods: last stage is f(t1, y1)
-    assert seen == pytest.approx(expected, abs=1e-15)
+    odenet.odeint(f, torch.zeros(1, dtype=dtype), [0.5, 0.9], solver=solver, steps=3)
+    # FSAL methods hand the last stage f(t1, y1) to the next step: one evaluation fewer per step.
+    h = 0.4 / 3
+    cs = solver.tableau.c
+    expected = [0.5 + i * h + c * h for i in range(3) for j, c in enumerate(cs) if not (solver.tableau.fsal and i and j == 0)]
+    tol = 1e-15 if dtype == torch.float64 else 1e-7
+    assert seen == pytest.approx(expected, abs=tol)
+
+
+def test_integrate_passes_floats_to_plain_callables():
+    """`integrate`'s contract: a plain f gets Python floats; only CountedFunc makes tensors."""
+    from odenet.solvers import SolveStats, integrate
+
+    seen = []
+
+    def f(t, y):
+        seen.append(t)
+        return -y
+
+    for solver in (SOLVERS["rk4"](), SOLVERS["dopri5"]()):
+        seen.clear()
+        kw = {} if solver.adaptive else dict(grid=[0.0, 0.5, 1.0])
+        integrate(f, torch.ones(2), [0.0, 1.0], solver, stats=SolveStats(), **kw)
+        assert seen and all(type(t) is float for t in seen)
 
 
 def test_custom_tableau():

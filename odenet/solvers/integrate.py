@@ -1,10 +1,12 @@
 """The integrate loop: steps, step-size control and output times.
 
-One loop serves fixed-step and adaptive solvers, forward and backward in time.
-It works on Python-float times, so the fixed-step path never synchronises with
-the device; the adaptive path synchronises once per step (to read the error
-ratio that decides acceptance). Dense output is computed only for output times
-that fall strictly inside a step.
+`integrate` serves fixed-step and adaptive solvers, forward and backward in time,
+with two loops that share the output handling. Both work on Python-float times,
+so the fixed-step loop never synchronises with the device (it knows its whole
+grid up front, so it also makes the time arguments of `f` in one go); the
+adaptive loop synchronises once per step (to read the error ratio that decides
+acceptance). Dense output is computed only for output times that fall strictly
+inside a step.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from .stats import SolveStats
 from .status import Status
 
 __all__ = ["CountedFunc", "StepRecord", "StepInfo", "LoopResult", "integrate", "rms_norm"]
+
+
+_DEFAULT_CONTROLLER = PIController()  # immutable, so one instance serves every solve
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -43,7 +48,7 @@ class CountedFunc:
 
     def __call__(self, t, y: Tensor) -> Tensor:
         if not isinstance(t, Tensor):  # odenet's loop passes floats; torchdiffeq passes tensors
-            t = torch.full((), t, dtype=y.dtype, device=y.device)
+            t = torch.scalar_tensor(t, dtype=y.dtype, device=y.device)
         out = self.f(t, y)
         if self.backward:
             self.stats.nfe_backward += 1
@@ -52,6 +57,17 @@ class CountedFunc:
         if not self._checked:
             self._check(out, y)
         return out
+
+    def times(self, values: Sequence[float], like: Tensor) -> Sequence:
+        """The time arguments for a known list of times (a fixed grid's stages), made at once.
+
+        On the CPU this is one tensor split into 0-dim views, cheaper than one tensor per
+        call; elsewhere the floats are returned unchanged and each call makes its own
+        (a copy from the host would synchronise, and is not allowed in CUDA graph capture).
+        """
+        if like.device.type != "cpu" or not values:
+            return values
+        return torch.tensor(values, dtype=like.dtype).unbind(0)
 
     def _check(self, out, y: Tensor) -> None:
         name = getattr(self.f, "__qualname__", None) or type(self.f).__name__
@@ -116,12 +132,23 @@ def _capturing(y: Tensor) -> bool:
     return y.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _initial_step(f, t0: float, y0: Tensor, k0: Tensor, direction: float, order: int, rtol, atol, norm, span: float) -> float:
-    """Starting step size (Hairer, Nørsett & Wanner, Solving ODEs I, II.4); one evaluation of f."""
+def _initial_step(f, t0: float, y0: Tensor, k0: Tensor, direction: float, order: int, rtol, atol, norm,
+                  span: float) -> Tuple[float, bool]:
+    """Starting step size (Hairer, Nørsett & Wanner, Solving ODEs I, II.4); one evaluation of f.
+
+    Returns `(h, finite)`: `finite` is False when `y0` or `f(t0, y0)` holds a NaN or inf (then
+    `f` is not evaluated again and `h` is meaningless). The norms it reads anyway tell.
+    """
     with torch.no_grad():
         scale = y0.abs().mul_(rtol).add_(atol)
         d0, d1 = torch.stack([norm(y0 / scale), norm(k0 / scale)]).tolist()  # one host read
-        h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
+        if not (math.isfinite(d0) and math.isfinite(d1)):
+            # A NaN/inf in the state, or a norm that overflowed: the max-norm check settles it.
+            if not (_is_finite(y0) and _is_finite(k0)):
+                return span, False
+        h0 = 0.01 * d0 / d1 if (d0 >= 1e-5 and d1 >= 1e-5) else 1e-6
+        if not 0.0 < h0 < math.inf:  # d1 overflowed to inf (a huge f(t0, y0) over a tiny atol)
+            h0 = 1e-6
         h0 = min(h0, span)
         y1 = torch.add(y0, k0, alpha=direction * h0)
         k1 = f(t0 + direction * h0, y1)
@@ -131,7 +158,7 @@ def _initial_step(f, t0: float, y0: Tensor, k0: Tensor, direction: float, order:
         else:
             h1 = (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
     h = min(100 * h0, h1, span)
-    return h if math.isfinite(h) and h > 0 else span
+    return (h if math.isfinite(h) and h > 0 else span), True
 
 
 def integrate(
@@ -188,6 +215,89 @@ def integrate(
     res.ys[-1], res.status, stats.n_accepted
     ```
     """
+    if solver.adaptive:
+        res = _adaptive_loop(f, y0, ts, solver, stats, rtol, atol, controller or _DEFAULT_CONTROLLER, first_step,
+                             min_step, max_steps, norm, record)
+    else:
+        res = _fixed_loop(f, y0, ts, solver, stats, list(grid) if grid is not None else list(ts), record)
+    outputs, status, t, h, records, log = res
+    stats.final_step = h
+    if status is not Status.SUCCESS:
+        nan = torch.full_like(y0, float("nan"))
+        outputs = [o if o is not None else nan for o in outputs]
+    return LoopResult(outputs, status, t, h, records, log)
+
+
+def _emit(solver: ExplicitRK, outputs: list, ts: Sequence[float], nxt: int, direction: float, t: float, h: float,
+          t_new: float, y: Tensor, res) -> Tuple[int, Tuple[Tuple[int, Optional[float]], ...]]:
+    """Store every output time inside the accepted step `[t, t_new]`; return the next output
+    index and what was produced, as `(output index, θ or None for the step's end)`."""
+    produced = []
+    n_out = len(ts)
+    while nxt < n_out and direction * (ts[nxt] - t_new) <= 0.0:
+        if ts[nxt] == t_new:
+            outputs[nxt] = res.y1
+            produced.append((nxt, None))
+        else:
+            theta = (ts[nxt] - t) / h
+            outputs[nxt] = solver.interpolate(y, h, res.ks, theta)
+            produced.append((nxt, theta))
+        nxt += 1
+    return nxt, tuple(produced)
+
+
+def _is_finite(y: Tensor) -> bool:
+    """One host read: the largest magnitude is finite (max propagates NaN)."""
+    return math.isfinite(float(torch.linalg.vector_norm(y.detach(), ord=math.inf)))
+
+
+def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: SolveStats, grid: List[float],
+                record: bool):
+    """Every step of a known grid, with nothing read back from the device until the end."""
+    n_out = len(ts)
+    outputs: List[Optional[Tensor]] = [None] * n_out
+    outputs[0] = y0
+    records: Optional[List[StepRecord]] = [] if record else None
+    direction = 1.0 if ts[-1] > ts[0] else -1.0
+    n_steps = len(grid) - 1
+    hs = [b - a for a, b in zip(grid, grid[1:])]
+    c = solver.tableau.c
+    # The time arguments of every stage, made at once when f knows how (CountedFunc).
+    make_times = getattr(f, "times", None)
+    times = None
+    if make_times is not None:
+        flat = make_times([t + ci * h for t, h in zip(grid, hs) for ci in c], y0)
+        s = len(c)
+        times = [flat[i * s:(i + 1) * s] for i in range(n_steps)]
+    y = y0
+    k1: Optional[Tensor] = None
+    nxt = 1
+    step = solver.step
+    for i in range(n_steps):
+        t, h = grid[i], hs[i]
+        res = step(f, t, y, h, k1, times=None if times is None else times[i])
+        t_new = grid[i + 1]
+        if direction * (ts[nxt] - t_new) <= 0.0:
+            nxt, produced = _emit(solver, outputs, ts, nxt, direction, t, h, t_new, y, res)
+        else:
+            produced = ()
+        if record:
+            records.append(StepRecord(t, h, y, produced))
+        y, k1 = res.y1, res.k_next
+    stats.n_accepted += n_steps
+    log = [StepInfo(t, h, True) for t, h in zip(grid, hs)]
+    status = Status.SUCCESS
+    # One read per solve (skipped while a CUDA graph is captured, where reads are not allowed).
+    if n_steps and not _capturing(y) and not _is_finite(y):
+        status = Status.NONFINITE
+    t_last = grid[-1] if n_steps else ts[0]
+    return outputs, status, t_last, hs[-1] if n_steps else 0.0, records, log
+
+
+def _adaptive_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: SolveStats, rtol: float,
+                   atol: float, controller: PIController, first_step: Optional[float], min_step: Optional[float],
+                   max_steps: int, norm: Callable[[Tensor], Tensor], record: bool):
+    """Steps chosen by the error estimate and `controller`: one host read per attempted step."""
     n_out = len(ts)
     outputs: List[Optional[Tensor]] = [None] * n_out
     outputs[0] = y0
@@ -196,98 +306,79 @@ def integrate(
     t_end = ts[-1]
     direction = 1.0 if t_end > ts[0] else -1.0
     tab = solver.tableau
-    adaptive = solver.adaptive
+    k_exp = controller.exponent_order(tab.error_order)
+    per_unit = controller.error_per_unit_step
     status = Status.SUCCESS
+    grad = torch.is_grad_enabled()
+    # The default norm's 1/sqrt(n) is applied on the host, one kernel fewer per step.
+    inv_sqrt_n = 1.0 / math.sqrt(max(y0.numel(), 1)) if norm is rms_norm else None
 
     t = ts[0]
     y = y0
     nxt = 1
-    k1: Optional[Tensor] = None
     h = 0.0
-
-    if adaptive:
-        controller = controller or PIController()
-        k_exp = controller.exponent_order(tab.error_order)
-        k1 = f(t, y)
-        with torch.no_grad():  # a NaN/inf anywhere makes the sum non-finite: one cheap reduction
-            finite = bool(torch.isfinite(y.sum() + k1.sum()))
-        if not finite:
-            status = Status.NONFINITE
-        else:
-            span = abs(t_end - t)
-            h = direction * (first_step if first_step is not None else _initial_step(f, t, y, k1, direction, tab.order, rtol, atol, norm, span))
-        prev_ratio = 1.0
-        n_steps = 0
+    k1 = f(t, y)
+    if first_step is not None:
+        h = direction * first_step
+        with torch.no_grad():
+            finite = _is_finite(y) and _is_finite(k1)
     else:
-        grid = list(grid) if grid is not None else list(ts)
-        gi = 0
+        h0, finite = _initial_step(f, t, y, k1, direction, tab.order, rtol, atol, norm, abs(t_end - t))
+        h = direction * h0
+    if not finite:
+        status = Status.NONFINITE
+    prev_ratio = 1.0
+    n_steps = 0
 
     while nxt < n_out and status is Status.SUCCESS:
-        if adaptive:
-            if n_steps >= max_steps:
-                status = Status.MAX_STEPS
-                break
-            n_steps += 1
-            if direction * (t + h - t_end) >= 0.0:
-                h = t_end - t
-                t_new = t_end
-            else:
-                t_new = t + h
+        if n_steps >= max_steps:
+            status = Status.MAX_STEPS
+            break
+        n_steps += 1
+        if direction * (t + h - t_end) >= 0.0:
+            h = t_end - t
+            t_new = t_end
         else:
-            t_new = grid[gi + 1]
-            h = t_new - t
-            gi += 1
+            t_new = t + h
 
         res = solver.step(f, t, y, h, k1)
 
-        if adaptive:
+        if grad:
             with torch.no_grad():
-                scale = torch.maximum(y.abs(), res.y1.abs()).mul_(rtol).add_(atol)
-                ratio = float(norm(res.error.div_(scale)))  # the one host sync per step
-            if controller.error_per_unit_step:
-                ratio /= abs(h)
-            if not math.isfinite(ratio):
-                accepted = False
-                factor = controller.dfactor
-            else:
-                accepted = ratio <= 1.0
-                factor = controller.factor(ratio, prev_ratio, accepted, k_exp)
+                ratio = _error_ratio(y, res, rtol, atol, norm, inv_sqrt_n)
         else:
-            accepted = True
+            ratio = _error_ratio(y, res, rtol, atol, norm, inv_sqrt_n)
+        if per_unit:
+            ratio /= abs(h)
+        if not math.isfinite(ratio):
+            accepted = False
+            factor = controller.dfactor
+        else:
+            accepted = ratio <= 1.0
+            factor = controller.factor(ratio, prev_ratio, accepted, k_exp)
         log.append(StepInfo(t, h, accepted))
 
         if accepted:
-            produced = []
-            while nxt < n_out and direction * (ts[nxt] - t_new) <= 0.0:
-                if ts[nxt] == t_new:
-                    outputs[nxt] = res.y1
-                    produced.append((nxt, None))
-                else:
-                    theta = (ts[nxt] - t) / h
-                    outputs[nxt] = solver.interpolate(y, h, res.ks, theta)
-                    produced.append((nxt, theta))
-                nxt += 1
+            nxt, produced = _emit(solver, outputs, ts, nxt, direction, t, h, t_new, y, res)
             if record:
-                records.append(StepRecord(t, h, y, tuple(produced)))
+                records.append(StepRecord(t, h, y, produced))
             stats.n_accepted += 1
             t, y, k1 = t_new, res.y1, res.k_next
-            if adaptive:
-                prev_ratio = max(ratio, 1e-10)
+            prev_ratio = max(ratio, 1e-10)
         else:
             stats.n_rejected += 1
 
-        if adaptive:
-            h = h * factor
-            # Only a rejection can shrink the step below what is usable: fail rather than spin.
-            if not accepted and (abs(h) < (min_step or 0.0) or t + h == t):
-                status = Status.STEP_UNDERFLOW if math.isfinite(ratio) else Status.NONFINITE
+        h = h * factor
+        # Only a rejection can shrink the step below what is usable: fail rather than spin.
+        if not accepted and (abs(h) < (min_step or 0.0) or t + h == t):
+            status = Status.STEP_UNDERFLOW if math.isfinite(ratio) else Status.NONFINITE
+    return outputs, status, t, h, records, log
 
-    if not adaptive and status is Status.SUCCESS and not _capturing(y):
-        with torch.no_grad():
-            if not bool(torch.isfinite(y).all()):  # one sync per solve on the fixed-step path
-                status = Status.NONFINITE
-    stats.final_step = h
-    if status is not Status.SUCCESS:
-        nan = torch.full_like(y0, float("nan"))
-        outputs = [o if o is not None else nan for o in outputs]
-    return LoopResult(outputs, status, t, h, records, log)
+
+def _error_ratio(y: Tensor, res, rtol: float, atol: float, norm, inv_sqrt_n: Optional[float]) -> float:
+    """The scaled error norm `‖err / (atol + rtol·max(|y0|, |y1|))‖` of a step: the one host read."""
+    scale = torch.maximum(y.abs(), res.y1.abs()).mul_(rtol).add_(atol)
+    scaled = res.error.div_(scale)
+    if inv_sqrt_n is not None:
+        return float(torch.linalg.vector_norm(scaled)) * inv_sqrt_n
+    return float(norm(scaled))

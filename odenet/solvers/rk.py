@@ -8,7 +8,7 @@ step for FSAL methods).
 
 from __future__ import annotations
 
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -115,6 +115,8 @@ class ExplicitRK:
         self._b = _nonzero(tableau.b)
         self._err = _nonzero(tableau.b_err) if tableau.b_err is not None else ()
         self._dense = tableau.dense
+        self._stages = tableau.stages
+        self._fsal = tableau.fsal
 
     # ------------------------------------------------------------------ properties
     @property
@@ -147,6 +149,7 @@ class ExplicitRK:
         k1: Optional[Tensor] = None,
         with_error: bool = True,
         last_stage: bool = True,
+        times: Optional[Sequence] = None,
     ) -> StepResult:
         """Take one step of size `h` (negative to integrate backwards) from `(t, y)`.
 
@@ -154,7 +157,9 @@ class ExplicitRK:
         step); otherwise it is evaluated. `with_error=False` skips the error estimate
         (used when a step is recomputed for its gradient); with it, `last_stage=False` also
         skips an FSAL method's last evaluation `f(t1, y1)`, which only the error estimate,
-        dense output and the next step need (`ks` then lacks that stage).
+        dense output and the next step need (`ks` then lacks that stage). `times[i]`, when
+        given, is passed to `f` as stage `i`'s time instead of the float `t + c_i h` (the
+        loop hands in pre-made time tensors on fixed grids).
 
         **Arguments:**
 
@@ -164,6 +169,7 @@ class ExplicitRK:
         - `k1`: `f(t, y)` if already known (default: evaluated here).
         - `with_error`: compute the local error estimate (adaptive solvers only).
         - `last_stage`: evaluate an FSAL method's last stage even without the error estimate.
+        - `times`: the time argument of `f` for each stage (default: `t + c_i h`).
 
         **Returns:** a `StepResult` named tuple `(y1, error, ks, k_next)`: the new state, the
         error estimate (`None` for fixed steps or `with_error=False`), the stages, and
@@ -171,17 +177,18 @@ class ExplicitRK:
         """
         tab = self.tableau
         if k1 is None:
-            k1 = f(t, y)
+            k1 = f(t if times is None else times[0], y)
         ks = [k1]
         c = tab.c
         yi = y
-        skip_last = tab.fsal and not (last_stage or with_error)
-        for i in range(1, tab.stages):
+        stages = self._stages
+        skip_last = self._fsal and not (last_stage or with_error)
+        for i in range(1, stages):
             yi = _combine(y, h, self._rows[i], ks)
-            if skip_last and i == tab.stages - 1:
+            if skip_last and i == stages - 1:
                 break
-            ks.append(f(t + c[i] * h, yi))
-        if tab.fsal:
+            ks.append(f(t + c[i] * h if times is None else times[i], yi))
+        if self._fsal:
             # The last stage's input is y1 itself: reuse the tensor (and f(t1, y1) if evaluated).
             y1 = yi
             k_next = None if skip_last else ks[-1]
@@ -190,7 +197,10 @@ class ExplicitRK:
             k_next = None
         error = None
         if with_error and self.adaptive and self._err:
-            with torch.no_grad():  # only step-size control reads it; never differentiated
+            if torch.is_grad_enabled():
+                with torch.no_grad():  # only step-size control reads it; never differentiated
+                    error = _lincomb(h, self._err, ks)
+            else:
                 error = _lincomb(h, self._err, ks)
         return StepResult(y1, error, ks, k_next)
 
