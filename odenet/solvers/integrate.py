@@ -277,7 +277,7 @@ def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: S
         t, h = grid[i], hs[i]
         res = step(f, t, y, h, k1, times=None if times is None else times[i])
         t_new = grid[i + 1]
-        if direction * (ts[nxt] - t_new) <= 0.0:
+        if nxt < n_out and direction * (ts[nxt] - t_new) <= 0.0:
             nxt, produced = _emit(solver, outputs, ts, nxt, direction, t, h, t_new, y, res)
         else:
             produced = ()
