@@ -58,3 +58,33 @@ def test_compiled_f_inside_the_loop():
     (g_comp,) = torch.autograd.grad(y_comp.sum(), x)
     torch.testing.assert_close(g_comp, g_eager, rtol=1e-5, atol=1e-6)
     assert compiled.last_stats.nfe_forward == eager.last_stats.nfe_forward
+
+
+def test_compiled_time_dependent_f_does_not_recompile_per_step():
+    """Stage times on a fixed grid are views into one tensor; a compiled f that uses t must not
+    recompile for each of them (dynamo would fall back to eager after its cache limit)."""
+    compilations = []
+
+    def counting_backend(gm, example_inputs):
+        compilations.append(gm)
+        return gm.forward
+
+    class F(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, t, y):
+            return torch.tanh(self.lin(y)) * torch.cos(t)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    module = F()
+    f = torch.compile(module, backend=counting_backend)
+    y0 = torch.randn(3, 4)
+    sol = odenet.odeint(f, y0, [0.0, 1.0], solver="rk4", steps=20)
+    first = len(compilations)
+    assert 1 <= first <= 2, first  # 80 evaluations, each handed its own view as t
+    odenet.odeint(f, y0, [0.0, 2.0], solver="euler", steps=30)
+    assert len(compilations) == first
+    torch.testing.assert_close(sol.ys, odenet.odeint(module, y0, [0.0, 1.0], solver="rk4", steps=20).ys)
