@@ -310,8 +310,6 @@ def _adaptive_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats
     per_unit = controller.error_per_unit_step
     status = Status.SUCCESS
     grad = torch.is_grad_enabled()
-    # The default norm's 1/sqrt(n) is applied on the host, one kernel fewer per step.
-    inv_sqrt_n = 1.0 / math.sqrt(max(y0.numel(), 1)) if norm is rms_norm else None
 
     t = ts[0]
     y = y0
@@ -345,9 +343,9 @@ def _adaptive_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats
 
         if grad:
             with torch.no_grad():
-                ratio = _error_ratio(y, res, rtol, atol, norm, inv_sqrt_n)
+                ratio = _error_ratio(y, res, rtol, atol, norm)
         else:
-            ratio = _error_ratio(y, res, rtol, atol, norm, inv_sqrt_n)
+            ratio = _error_ratio(y, res, rtol, atol, norm)
         if per_unit:
             ratio /= abs(h)
         if not math.isfinite(ratio):
@@ -375,10 +373,11 @@ def _adaptive_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats
     return outputs, status, t, h, records, log
 
 
-def _error_ratio(y: Tensor, res, rtol: float, atol: float, norm, inv_sqrt_n: Optional[float]) -> float:
-    """The scaled error norm `‖err / (atol + rtol·max(|y0|, |y1|))‖` of a step: the one host read."""
+def _error_ratio(y: Tensor, res, rtol: float, atol: float, norm) -> float:
+    """The scaled error norm `‖err / (atol + rtol·max(|y0|, |y1|))‖` of a step: the one host read.
+
+    Computed on the device in the state's dtype, exactly as before the loop was split, so that
+    step-size decisions (and so published results) do not move by a rounding.
+    """
     scale = torch.maximum(y.abs(), res.y1.abs()).mul_(rtol).add_(atol)
-    scaled = res.error.div_(scale)
-    if inv_sqrt_n is not None:
-        return float(torch.linalg.vector_norm(scaled)) * inv_sqrt_n
-    return float(norm(scaled))
+    return float(norm(res.error.div_(scale)))
