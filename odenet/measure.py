@@ -44,11 +44,23 @@ class SavedTensors:
     bytes: int = 0  #: bytes of the distinct storages saved for backward (excluded tensors left out)
     count: int = 0  #: number of pack calls (tensors saved, with repeats)
     _seen: set = field(default_factory=set, repr=False)
+    # The counted storages, held until the block ends: a storage freed inside the block (a
+    # discarded graph, e.g. a rejected step or an FSAL stage that only fed the error estimate)
+    # could otherwise hand its address to a later one, which would then go uncounted.
+    _held: list = field(default_factory=list, repr=False)
 
     @property
     def megabytes(self) -> float:
         """`bytes` in MiB (2**20 bytes)."""
         return self.bytes / 2**20
+
+
+def _hold(t: Tensor):
+    """A reference that keeps `t`'s memory (and so its address) alive."""
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return t
 
 
 def _storage_key(t: Tensor):
@@ -64,7 +76,9 @@ def saved_tensors(exclude: Iterable[Tensor] = ()) -> Iterator[SavedTensors]:
     """Count the bytes autograd saves for backward inside the `with` block.
 
     Each distinct storage counts once, so a tensor saved by several operations (or views
-    of one buffer) is not double-counted. Pass `exclude=model.parameters()` to leave the
+    of one buffer) is not double-counted. Storages saved by a graph that is dropped inside the
+    block (a rejected adaptive step, say) count too; they are kept alive until the block ends
+    so that their memory cannot be reused, and the count mistaken, by a later saved tensor. Pass `exclude=model.parameters()` to leave the
     parameters out and count activations only.
 
     **Arguments:**
@@ -95,13 +109,17 @@ def saved_tensors(exclude: Iterable[Tensor] = ()) -> Iterator[SavedTensors]:
         if ptr not in excluded and ptr not in tally._seen:
             tally._seen.add(ptr)
             tally.bytes += nbytes
+            tally._held.append(_hold(t))
         # Detached: a packed tensor that keeps its grad_fn would form a reference cycle with
         # the node that saved it (an op saving its own output), leaking the graph when it is
         # dropped without backward. Same storage, so unpacking gives the same values.
         return t.detach()
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield tally
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield tally
+    finally:
+        tally._held.clear()  # counting is done; let the storages go with their graphs
 
 
 def synchronize(device) -> None:

@@ -81,6 +81,34 @@ def test_adjoint_memory_flat_direct_linear():
     assert ck10 == 10 * state and ck200 == 200 * state
 
 
+def test_saved_storage_freed_inside_the_block_is_still_counted():
+    """A graph dropped inside the block frees what it saved; the allocator hands that address
+    to the next tensor. Each of these five saved tensors is distinct and must count once."""
+    a = torch.randn(1000, requires_grad=True)
+    with saved_tensors(exclude=[a]) as saved:
+        for _ in range(5):
+            tmp = torch.randn(1000)
+            out = a * tmp  # saves tmp for the gradient with respect to a
+            del out, tmp  # the graph, and tmp's memory, are freed here
+    assert saved.count == 5  # tmp, five times (a needs no saving: tmp needs no gradient)
+    assert saved.bytes == 5 * 1000 * 4
+
+
+def test_activation_count_is_deterministic_with_discarded_stages():
+    """dopri5 under `direct` records a last FSAL stage that only the error estimate reads; its
+    graph is dropped at the end of the solve. Counting must not depend on address reuse."""
+    f = odenet.MLPDynamics(8, 32).double()
+    x = torch.randn(32, 8, dtype=torch.float64, requires_grad=True)
+    counts = set()
+    for _ in range(3):
+        with saved_tensors(exclude=f.parameters()) as saved:
+            y = odenet.odeint(f, x, [0.0, 1.0], solver="dopri5", rtol=1e-4, atol=1e-4).ys[-1]
+            z = torch.tanh(y * 2.0)  # more saved tensors after the solve, to reuse freed memory
+        counts.add(saved.bytes)
+        z.sum().backward()
+    assert len(counts) == 1
+
+
 def test_adjoint_memory_flat_adaptive():
     """Under an adaptive solver, more steps (tighter tolerance) do not cost the adjoint memory."""
     f = odenet.MLPDynamics(8, 32).double()
