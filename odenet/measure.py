@@ -78,8 +78,8 @@ def saved_tensors(exclude: Iterable[Tensor] = ()) -> Iterator[SavedTensors]:
     Each distinct storage counts once, so a tensor saved by several operations (or views
     of one buffer) is not double-counted. Storages saved by a graph that is dropped inside the
     block (a rejected adaptive step, say) count too; they are kept alive until the block ends
-    so that their memory cannot be reused, and the count mistaken, by a later saved tensor. Pass `exclude=model.parameters()` to leave the
-    parameters out and count activations only.
+    so that their memory cannot be reused, and the count mistaken, by a later saved tensor.
+    Pass `exclude=model.parameters()` to leave the parameters out and count activations only.
 
     **Arguments:**
 
