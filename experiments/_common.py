@@ -1,4 +1,4 @@
-"""What the experiment scripts share: settings-dataclass flags and figure saving.
+"""What the experiment scripts share: settings-dataclass flags, figure saving, MNIST-1D arrays.
 
 Each settings field is declared with :func:`opt` (default and help text); :func:`parse_config` builds
 one ``--flag`` per field (``--name/--no-name`` for booleans), applies ``--quick`` overrides,
@@ -31,6 +31,16 @@ def save_figure(fig, name: str, *, out: str, dpi: int, gallery: Optional[str] = 
         fig.savefig(buf, format="png", dpi=72)
         buf.seek(0)
         Image.open(buf).convert("RGB").quantize(colors=128).save(os.path.join(gallery, prefix + name), optimize=True)
+
+
+def mnist1d_arrays(n_train: int = 0):
+    """`(x_train, y_train, x_test, y_test)` of MNIST-1D, the training set cut to its first
+    `n_train` examples (0: all)."""
+    from odenet.data import load_dataset
+
+    ds = load_dataset("mnist1d")
+    n = n_train or ds.num_train
+    return ds.x_train[:n], ds.y_train[:n], ds.x_test, ds.y_test
 
 
 def opt(default, help: str):

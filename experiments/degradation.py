@@ -52,10 +52,9 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 import odenet
-from odenet.data import load_dataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import opt, parse_config, save_figure  # noqa: E402
+from _common import mnist1d_arrays, opt, parse_config, save_figure  # noqa: E402
 
 
 @dataclass
@@ -299,9 +298,7 @@ def main(argv=None) -> dict:
     config = parse_args(argv)
     torch.set_num_threads(config.threads)
     os.makedirs(config.out, exist_ok=True)
-    ds = load_dataset("mnist1d")
-    n = config.n_train or ds.num_train
-    data = (ds.x_train[:n], ds.y_train[:n], ds.x_test, ds.y_test)
+    data = mnist1d_arrays(config.n_train)
     rows = []
     start = time.perf_counter()
     for seed in range(config.seeds):

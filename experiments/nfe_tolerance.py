@@ -46,11 +46,10 @@ from torch import Tensor, nn
 
 import odenet
 from odenet import plotting
-from odenet.data import load_dataset
 from odenet.odeint import make_options
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import opt, parse_config, save_figure  # noqa: E402
+from _common import mnist1d_arrays, opt, parse_config, save_figure  # noqa: E402
 
 
 @dataclass
@@ -289,9 +288,7 @@ def main(argv=None) -> dict:
     config = parse_args(argv)
     torch.set_num_threads(config.threads)
     os.makedirs(config.out, exist_ok=True)
-    ds = load_dataset("mnist1d")
-    n = config.n_train or ds.num_train
-    data = (ds.x_train[:n], ds.y_train[:n], ds.x_test, ds.y_test)
+    data = mnist1d_arrays(config.n_train)
     start = time.perf_counter()
     histories, sweeps, train_seconds = {}, {}, {}
     for kind in MODELS:

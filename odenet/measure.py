@@ -55,20 +55,13 @@ class SavedTensors:
         return self.bytes / 2**20
 
 
-def _hold(t: Tensor):
-    """A reference that keeps `t`'s memory (and so its address) alive."""
-    try:
-        return t.untyped_storage()
-    except (RuntimeError, NotImplementedError):
-        return t
-
-
-def _storage_key(t: Tensor):
+def _storage(t: Tensor):
+    """`(address, bytes, owner)` of `t`'s memory; holding `owner` keeps the address taken."""
     try:
         st = t.untyped_storage()
-        return st.data_ptr(), st.nbytes()
+        return st.data_ptr(), st.nbytes(), st
     except (RuntimeError, NotImplementedError):  # sparse or other storage-less tensors
-        return id(t), t.numel() * t.element_size()
+        return id(t), t.numel() * t.element_size(), t
 
 
 @contextmanager
@@ -101,15 +94,15 @@ def saved_tensors(exclude: Iterable[Tensor] = ()) -> Iterator[SavedTensors]:
     ```
     """
     tally = SavedTensors()
-    excluded = {_storage_key(p)[0] for p in exclude}
+    excluded = {_storage(p)[0] for p in exclude}
 
     def pack(t: Tensor):
         tally.count += 1
-        ptr, nbytes = _storage_key(t)
+        ptr, nbytes, owner = _storage(t)
         if ptr not in excluded and ptr not in tally._seen:
             tally._seen.add(ptr)
             tally.bytes += nbytes
-            tally._held.append(_hold(t))
+            tally._held.append(owner)
         # Detached: a packed tensor that keeps its grad_fn would form a reference cycle with
         # the node that saved it (an op saving its own output), leaking the graph when it is
         # dropped without backward. Same storage, so unpacking gives the same values.

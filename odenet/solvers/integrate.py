@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .controller import PIController
-from .rk import ExplicitRK
+from .rk import ExplicitRK, without_grad
 from .stats import SolveStats
 from .status import Status
 
@@ -309,7 +309,6 @@ def _adaptive_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats
     k_exp = controller.exponent_order(tab.error_order)
     per_unit = controller.error_per_unit_step
     status = Status.SUCCESS
-    grad = torch.is_grad_enabled()
 
     t = ts[0]
     y = y0
@@ -318,8 +317,7 @@ def _adaptive_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats
     k1 = f(t, y)
     if first_step is not None:
         h = direction * first_step
-        with torch.no_grad():
-            finite = _is_finite(y) and _is_finite(k1)
+        finite = _is_finite(y) and _is_finite(k1)
     else:
         h0, finite = _initial_step(f, t, y, k1, direction, tab.order, rtol, atol, norm, abs(t_end - t))
         h = direction * h0
@@ -341,11 +339,7 @@ def _adaptive_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats
 
         res = solver.step(f, t, y, h, k1)
 
-        if grad:
-            with torch.no_grad():
-                ratio = _error_ratio(y, res, rtol, atol, norm)
-        else:
-            ratio = _error_ratio(y, res, rtol, atol, norm)
+        ratio = without_grad(_error_ratio, y, res, rtol, atol, norm)
         if per_unit:
             ratio /= abs(h)
         if not math.isfinite(ratio):

@@ -57,6 +57,15 @@ def _lincomb(h: float, coefs: Tuple[Tuple[int, float], ...], ks: List[Tensor]) -
     return out
 
 
+def without_grad(fn, *args):
+    """`fn(*args)` with autograd off; no context switch when it already is (the loop calls
+    this every step, and most solves without gradients run under `no_grad` already)."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    with torch.no_grad():
+        return fn(*args)
+
+
 def _nonzero(row) -> Tuple[Tuple[int, float], ...]:
     return tuple((j, float(x)) for j, x in enumerate(row) if x != 0.0)
 
@@ -115,8 +124,6 @@ class ExplicitRK:
         self._b = _nonzero(tableau.b)
         self._err = _nonzero(tableau.b_err) if tableau.b_err is not None else ()
         self._dense = tableau.dense
-        self._stages = tableau.stages
-        self._fsal = tableau.fsal
 
     # ------------------------------------------------------------------ properties
     @property
@@ -181,14 +188,14 @@ class ExplicitRK:
         ks = [k1]
         c = tab.c
         yi = y
-        stages = self._stages
-        skip_last = self._fsal and not (last_stage or with_error)
+        stages = tab.stages
+        skip_last = tab.fsal and not (last_stage or with_error)
         for i in range(1, stages):
             yi = _combine(y, h, self._rows[i], ks)
             if skip_last and i == stages - 1:
                 break
             ks.append(f(t + c[i] * h if times is None else times[i], yi))
-        if self._fsal:
+        if tab.fsal:
             # The last stage's input is y1 itself: reuse the tensor (and f(t1, y1) if evaluated).
             y1 = yi
             k_next = None if skip_last else ks[-1]
@@ -197,11 +204,8 @@ class ExplicitRK:
             k_next = None
         error = None
         if with_error and self.adaptive and self._err:
-            if torch.is_grad_enabled():
-                with torch.no_grad():  # only step-size control reads it; never differentiated
-                    error = _lincomb(h, self._err, ks)
-            else:
-                error = _lincomb(h, self._err, ks)
+            # Only step-size control reads it; never differentiated.
+            error = without_grad(_lincomb, h, self._err, ks)
         return StepResult(y1, error, ks, k_next)
 
     def interpolate(self, y0: Tensor, h: float, ks: List[Tensor], theta: float) -> Tensor:
