@@ -271,15 +271,19 @@ def _check_inputs(f, y0, t) -> Tuple[Tensor, List[float]]:
     return t_tensor, ts
 
 
-def _fixed_grid(ts: List[float], steps: Optional[int], step_size: Optional[float]) -> List[float]:
+def _fixed_grid(ts: List[float], steps: Optional[int], step_size: Optional[float]) -> Tuple[float, ...]:
     if steps is None and step_size is None:
-        return ts
-    t0, t1 = ts[0], ts[-1]
+        return tuple(ts)
+    return _uniform_grid(ts[0], ts[-1], steps, step_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _uniform_grid(t0: float, t1: float, steps: Optional[int], step_size: Optional[float]) -> Tuple[float, ...]:
+    """`steps` uniform steps over [t0, t1], or the fewest not longer than `step_size` (cached:
+    training solves the same grid every iteration)."""
     if steps is None:
         steps = max(1, math.ceil(abs(t1 - t0) / step_size - 1e-9))
-    grid = [t0 + (t1 - t0) * i / steps for i in range(steps)]
-    grid.append(t1)
-    return grid
+    return (*(t0 + (t1 - t0) * i / steps for i in range(steps)), t1)
 
 
 def _module_params(f, adjoint_params) -> Tuple[Tensor, ...]:

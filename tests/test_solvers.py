@@ -203,9 +203,69 @@ def test_integrate_passes_floats_to_plain_callables():
         assert seen and all(type(t) is float for t in seen)
 
 
+RALSTON = ButcherTableau(name="ralston", c=(0, 2 / 3), a=((), (2 / 3,)), b=(1 / 4, 3 / 4), order=2)
+
+
+@pytest.mark.parametrize("solver", [*(SOLVERS[n]() for n in FIXED), ExplicitRK(RALSTON)], ids=str)
+def test_fixed_loop_matches_step_bitwise(solver):
+    """The fixed-step loop (Euler written out, `advance` for the others, f called directly after
+    the first step) gives the states of a plain loop of `ExplicitRK.step`, bit for bit, at
+    grid points and in between, and counts every evaluation."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 3).double()
+
+    def f(t, y):
+        return torch.tanh(lin(y)) * (1 + t)
+
+    y0 = torch.randn(5, 3, dtype=torch.float64)
+    n, t1 = 6, 1.2
+    sol = odenet.odeint(f, y0, [0.0, 0.5, 0.6, t1], solver=solver, steps=n)
+    grid = [t1 * i / n for i in range(n)] + [t1]
+    y, ref = y0, {0.0: y0}
+    for t, t_next in zip(grid, grid[1:]):
+        h = t_next - t
+        times = [torch.tensor(t + c * h, dtype=torch.float64) for c in solver.tableau.c]
+        res = solver.step(f, t, y, h, times=times)
+        for out in (0.5, 0.6):
+            if out == t_next:
+                ref[out] = res.y1
+            elif t < out < t_next:
+                ref[out] = solver.interpolate(y, h, res.ks, (out - t) / h)
+        y = res.y1
+    ref[t1] = y
+    for i, t in enumerate([0.0, 0.5, 0.6, t1]):
+        assert torch.equal(sol.ys[i], ref[t]), t
+    assert sol.stats.nfe_forward == n * solver.tableau.stages
+
+
+def test_stage_times_cached_outside_inference_mode():
+    """The fixed grid's time tensors are cached across solves; one made during an
+    inference-mode solve still serves a later solve with autograd (where `t * y` saves `t`)."""
+    w = torch.randn(2, requires_grad=True)
+
+    def f(t, y):
+        return t * y * w
+
+    t = [0.0, 0.7]
+    with torch.inference_mode():
+        odenet.odeint(f, torch.ones(3, 2), t, solver="rk4", steps=3)
+    y0 = torch.ones(3, 2, requires_grad=True)
+    sol = odenet.odeint(f, y0, t, solver="rk4", steps=3)
+    sol.ys[-1].sum().backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+
+
+def test_integrate_rejects_a_grid_off_the_output_times():
+    from odenet.solvers import SolveStats, integrate
+
+    for grid in ([0.0], [0.0, 0.5], [0.1, 1.0]):
+        with pytest.raises(ValueError, match="grid= must start at ts"):
+            integrate(lambda t, y: -y, torch.ones(2), [0.0, 1.0], SOLVERS["euler"](), stats=SolveStats(), grid=grid)
+
+
 def test_custom_tableau():
     """A user-defined tableau (Ralston's 2nd order) runs and converges at order 2."""
-    ralston = ButcherTableau(name="ralston", c=(0, 2 / 3), a=((), (2 / 3,)), b=(1 / 4, 3 / 4), order=2)
+    ralston = RALSTON
     errs = []
     for n in [16, 32, 64]:
         y = odenet.odeint(lambda t, y: -y, torch.ones(1, dtype=torch.float64), [0.0, 1.0], solver=ExplicitRK(ralston), steps=n)

@@ -11,6 +11,7 @@ inside a step.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -58,16 +59,13 @@ class CountedFunc:
             self._check(out, y)
         return out
 
-    def times(self, values: Sequence[float], like: Tensor) -> Sequence:
-        """The time arguments for a known list of times (a fixed grid's stages), made at once.
-
-        On the CPU this is one tensor split into 0-dim views, cheaper than one tensor per
-        call; elsewhere the floats are returned unchanged and each call makes its own
-        (a copy from the host would synchronise, and is not allowed in CUDA graph capture).
-        """
-        if like.device.type != "cpu" or not values:
-            return values
-        return torch.tensor(values, dtype=like.dtype).unbind(0)
+    def count(self, n: int) -> None:
+        """Record `n` calls that a loop made to :attr:`f` directly (the fixed-step loop does, once
+        this wrapper has checked the first output, to save a Python call per evaluation)."""
+        if self.backward:
+            self.stats.nfe_backward += n
+        else:
+            self.stats.nfe_forward += n
 
     def _check(self, out, y: Tensor) -> None:
         name = getattr(self.f, "__qualname__", None) or type(self.f).__name__
@@ -204,6 +202,8 @@ def integrate(
     time in `ts`), the `Status`, the time and step size reached, the step records (or `None`)
     and every attempted step as `StepInfo`.
 
+    **Raises:** `ValueError` if a fixed-step solver's `grid` does not run from `ts[0]` to `ts[-1]`.
+
     **Example:**
 
     ```python
@@ -219,7 +219,13 @@ def integrate(
         res = _adaptive_loop(f, y0, ts, solver, stats, rtol, atol, controller or _DEFAULT_CONTROLLER, first_step,
                              min_step, max_steps, norm, record)
     else:
-        res = _fixed_loop(f, y0, ts, solver, stats, list(grid) if grid is not None else list(ts), record)
+        grid = tuple(grid if grid is not None else ts)
+        if len(grid) < 2 or grid[0] != ts[0] or grid[-1] != ts[-1]:
+            raise ValueError(
+                f"grid= must start at ts[0]={ts[0]} and end at ts[-1]={ts[-1]} (at least two points), got "
+                f"{list(grid)}."
+            )
+        res = _fixed_loop(f, y0, ts, solver, stats, grid, record)
     outputs, status, t, h, records, log = res
     stats.final_step = h
     if status is not Status.SUCCESS:
@@ -229,18 +235,18 @@ def integrate(
 
 
 def _emit(solver: ExplicitRK, outputs: list, ts: Sequence[float], nxt: int, direction: float, t: float, h: float,
-          t_new: float, y: Tensor, res) -> Tuple[int, Tuple[Tuple[int, Optional[float]], ...]]:
+          t_new: float, y: Tensor, y1: Tensor, ks: List[Tensor]) -> Tuple[int, Tuple[Tuple[int, Optional[float]], ...]]:
     """Store every output time inside the accepted step `[t, t_new]`; return the next output
     index and what was produced, as `(output index, θ or None for the step's end)`."""
     produced = []
     n_out = len(ts)
     while nxt < n_out and direction * (ts[nxt] - t_new) <= 0.0:
         if ts[nxt] == t_new:
-            outputs[nxt] = res.y1
+            outputs[nxt] = y1
             produced.append((nxt, None))
         else:
             theta = (ts[nxt] - t) / h
-            outputs[nxt] = solver.interpolate(y, h, res.ks, theta)
+            outputs[nxt] = solver.interpolate(y, h, ks, theta)
             produced.append((nxt, theta))
         nxt += 1
     return nxt, tuple(produced)
@@ -251,8 +257,37 @@ def _is_finite(y: Tensor) -> bool:
     return math.isfinite(float(torch.linalg.vector_norm(y.detach(), ord=math.inf)))
 
 
-def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: SolveStats, grid: List[float],
-                record: bool):
+class _GridPlan(NamedTuple):
+    """What a fixed grid fixes before the first step: step sizes, every stage's time, the log."""
+
+    hs: Tuple[float, ...]
+    times: Tuple[Tuple[float, ...], ...]  # per step, the time of each stage
+    log: Tuple[StepInfo, ...]
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_plan(grid: Tuple[float, ...], c: Tuple[float, ...]) -> _GridPlan:
+    """The plan of a grid for a method with nodes `c`; cached, since training solves the same
+    grid every iteration."""
+    hs = tuple(b - a for a, b in zip(grid, grid[1:]))
+    times = tuple(tuple(t + ci * h for ci in c) for t, h in zip(grid, hs))
+    return _GridPlan(hs, times, tuple(StepInfo(t, h, True) for t, h in zip(grid, hs)))
+
+
+@functools.lru_cache(maxsize=64)
+def _cpu_stage_times(grid: Tuple[float, ...], c: Tuple[float, ...], dtype: torch.dtype) -> Tuple[Tuple[Tensor, ...], ...]:
+    """The stage times of `_grid_plan(grid, c)` as 0-dim CPU tensors: views of one tensor, made
+    once per grid and dtype rather than one tensor per call of `f` (cached, like the plan; made
+    outside inference mode so that they also serve solves with autograd)."""
+    times = _grid_plan(grid, c).times
+    with torch.inference_mode(False):
+        flat = torch.tensor([x for step in times for x in step], dtype=dtype).unbind(0)
+    s = len(c)
+    return tuple(flat[i * s:(i + 1) * s] for i in range(len(times)))
+
+
+def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: SolveStats,
+                grid: Tuple[float, ...], record: bool):
     """Every step of a known grid, with nothing read back from the device until the end."""
     n_out = len(ts)
     outputs: List[Optional[Tensor]] = [None] * n_out
@@ -260,38 +295,56 @@ def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: S
     records: Optional[List[StepRecord]] = [] if record else None
     direction = 1.0 if ts[-1] > ts[0] else -1.0
     n_steps = len(grid) - 1
-    hs = [b - a for a, b in zip(grid, grid[1:])]
-    c = solver.tableau.c
-    # The time arguments of every stage, made at once when f knows how (CountedFunc).
-    make_times = getattr(f, "times", None)
-    times = None
-    if make_times is not None:
-        flat = make_times([t + ci * h for t, h in zip(grid, hs) for ci in c], y0)
-        s = len(c)
-        times = [flat[i * s:(i + 1) * s] for i in range(n_steps)]
+    tab = solver.tableau
+    plan = _grid_plan(grid, tab.c)
+    hs = plan.hs
+    # FSAL methods hand their last stage to the next step (`step`); a one-stage method is Euler,
+    # the residual update `y + h f(t, y)`, written out here; the others take `advance`.
+    fsal, euler = tab.fsal, tab.stages == 1
+    w = tab.b[0]  # Euler's one weight, 1
+    # odenet's wrapper takes the stage times as tensors, made once per grid on the CPU, and
+    # there the loop calls f itself after the first step (the wrapper has checked f's output
+    # by then) and counts those calls at the end. A plain f gets floats; on other devices each
+    # time is made from its float by the wrapper (no copy from the host, so no synchronisation,
+    # and allowed in CUDA graph capture).
+    bulk = isinstance(f, CountedFunc) and y0.device.type == "cpu"
+    times = _cpu_stage_times(grid, tab.c, y0.dtype) if bulk else plan.times
+    after_first = f.f if bulk and not fsal else f
+    call = f
     y = y0
     k1: Optional[Tensor] = None
     nxt = 1
-    step = solver.step
-    for i in range(n_steps):
-        t, h = grid[i], hs[i]
-        res = step(f, t, y, h, k1, times=None if times is None else times[i])
-        t_new = grid[i + 1]
-        if nxt < n_out and direction * (ts[nxt] - t_new) <= 0.0:
-            nxt, produced = _emit(solver, outputs, ts, nxt, direction, t, h, t_new, y, res)
-        else:
+    done = 0
+    try:
+        for i in range(n_steps):
+            h = hs[i]
+            if euler:
+                k = call(times[i][0], y)
+                y1 = torch.add(y, k, alpha=h * w)
+            elif fsal:
+                res = solver.step(call, grid[i], y, h, k1, times=times[i])
+                y1, ks, k1 = res.y1, res.ks, res.k_next
+            else:
+                y1, ks = solver.advance(call, y, h, times[i])
+            call = after_first
+            done += 1
             produced = ()
-        if record:
-            records.append(StepRecord(t, h, y, produced))
-        y, k1 = res.y1, res.k_next
+            if nxt < n_out and direction * (ts[nxt] - grid[i + 1]) <= 0.0:
+                if euler:
+                    ks = [k]
+                nxt, produced = _emit(solver, outputs, ts, nxt, direction, grid[i], h, grid[i + 1], y, y1, ks)
+            if record:
+                records.append(StepRecord(grid[i], h, y, produced))
+            y = y1
+    finally:
+        if after_first is not f and done > 1:
+            f.count((done - 1) * tab.stages)
     stats.n_accepted += n_steps
-    log = [StepInfo(t, h, True) for t, h in zip(grid, hs)]
     status = Status.SUCCESS
     # One read per solve (skipped while a CUDA graph is captured, where reads are not allowed).
-    if n_steps and not _capturing(y) and not _is_finite(y):
+    if not _capturing(y) and not _is_finite(y):
         status = Status.NONFINITE
-    t_last = grid[-1] if n_steps else ts[0]
-    return outputs, status, t_last, hs[-1] if n_steps else 0.0, records, log
+    return outputs, status, grid[-1], hs[-1], records, list(plan.log)
 
 
 def _adaptive_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: SolveStats, rtol: float,
@@ -351,7 +404,7 @@ def _adaptive_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats
         log.append(StepInfo(t, h, accepted))
 
         if accepted:
-            nxt, produced = _emit(solver, outputs, ts, nxt, direction, t, h, t_new, y, res)
+            nxt, produced = _emit(solver, outputs, ts, nxt, direction, t, h, t_new, y, res.y1, res.ks)
             if record:
                 records.append(StepRecord(t, h, y, produced))
             stats.n_accepted += 1
