@@ -3,8 +3,8 @@
 
 All libraries solve the *same* problem in one process: the same `f` module (same
 weights), the same initial state, the same output times, tolerances, device and dtype.
-Inside every repeat the libraries run one after the other (interleaved, in rotating
-order), so that drift of a shared machine hits them alike; the reported time is the
+Inside every repeat the libraries run one after the other (interleaved, in an order
+shuffled every repeat), so that drift of a shared machine hits them alike; the reported time is the
 median over the repeats, CUDA-synchronised.
 
 Modes (``--modes``):
@@ -56,6 +56,7 @@ import json
 import math
 import os
 import platform
+import random
 import shlex
 import statistics
 import subprocess
@@ -712,13 +713,20 @@ def _err(err: BaseException) -> str:
 
 
 def time_cases(cases: List[Case], cfg: Config, probe: Optional[FProbe] = None) -> None:
-    """Warm up every case, then run `repeats` rounds, each case once per round in rotating
-    order; `probe` (if given) times f alone once per round, at a rotating position too.
+    """Warm up every case, then run `repeats` rounds, each case once per round in an order
+    shuffled every round (seeded by `--seed`); `probe` (if given) times f alone once per
+    round, shuffled in with the cases.
 
-    A timed sample of a case is `inner` back-to-back runs (as many as fill about 5 ms, at most
-    50), recorded as the time per run. Like the probe's samples of f, it then measures a warm
-    solve: a single run right after another library's work or the probe starts cold (caches,
-    allocator), which at the smallest sizes added as much again as the solver's own cost.
+    A timed sample of a case is one untimed run, then `inner` back-to-back runs (as many as
+    fill about 5 ms, at most 50), recorded as the time per run. Like the probe's samples of
+    f, it so measures a warm solve. A run right after another library's work or the probe
+    starts cold (caches, allocator): at the smallest sizes that once added as much again as
+    the solver's own cost, and it depends on which case ran before. This script used to
+    rotate a fixed list and time from the first run; rotation keeps the cyclic order, so
+    each case had the same predecessor in every round, and the first case (odenet) always
+    followed the probe's backward pass. That made odenet's small fixed-euler training step
+    about 7% slower than when it followed the hand-written loop. With the untimed run, the
+    order moves a case by about 2% at most.
     Python's garbage collector is off during the timed rounds (see below).
     """
     kinds = ("f", "fb") if any(c.train for c in cases) else ("f",)
@@ -753,16 +761,18 @@ def time_cases(cases: List[Case], cfg: Config, probe: Optional[FProbe] = None) -
 
 
 def _timed_rounds(live: List[Case], cfg: Config, kinds: Sequence[str], probe: Optional[FProbe]) -> None:
-    for r in range(cfg.repeats):
+    order = random.Random(cfg.seed)
+    for _ in range(cfg.repeats):
         items: List[Any] = list(live) + ([probe] if probe is not None else [])
-        k = r % max(len(items), 1)
-        for c in items[k:] + items[:k]:
+        order.shuffle(items)
+        for c in items:
             if c is probe:
                 probe.sample(kinds)
                 continue
             if c.error is not None:
                 continue
             try:
+                c.unit()  # untimed: the timed runs follow this case, not whatever ran before
                 _sync(cfg.device)
                 s = time.perf_counter()
                 for _ in range(c.inner):
