@@ -180,3 +180,20 @@ def test_size_specs(bench):
     s = bench.parse_size("conv:2x4x6x6")
     assert (s.kind, s.shape, s.hidden) == ("conv", (2, 4, 6, 6), 4)
     assert bench.parse_size("medium").shape == (256, 64)
+
+
+@pytest.mark.parametrize("solver", ["euler", "rk4"])
+def test_loop_overhead_runs(solver, capsys):
+    """benchmarks/loop_overhead.py: checks its two loops agree, then prints one row per phase."""
+    path = SCRIPT.parent / "loop_overhead.py"
+    spec = importlib.util.spec_from_file_location("loop_overhead", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--solver", solver, "--steps", "3", "--repeats", "1", "--inner", "1", "--shape", "4x3"])
+    assert set(out) == {"forward", "train"}
+    assert all(v["odenet_s"] > 0 and v["hand_s"] > 0 for v in out.values())
+    text = capsys.readouterr().out
+    assert f"`python benchmarks/loop_overhead.py --solver {solver} --steps 3" in text
+    assert text.count("| forward |") == 1 and text.count("| train |") == 1
+    with pytest.raises(SystemExit):
+        mod.main(["--shape", "4by3"])
