@@ -724,9 +724,9 @@ def time_cases(cases: List[Case], cfg: Config, probe: Optional[FProbe] = None) -
     the solver's own cost, and it depends on which case ran before. This script used to
     rotate a fixed list and time from the first run; rotation keeps the cyclic order, so
     each case had the same predecessor in every round, and the first case (odenet) always
-    followed the probe's backward pass. That made odenet's small fixed-euler training step
-    about 7% slower than when it followed the hand-written loop. With the untimed run, the
-    order moves a case by about 2% at most.
+    followed the probe's backward pass, which left its small fixed-euler training step
+    slower than it ran after the hand-written loop. With the untimed run, the order barely
+    matters, and the shuffle spreads what is left over every case.
     Python's garbage collector is off during the timed rounds (see below).
     """
     kinds = ("f", "fb") if any(c.train for c in cases) else ("f",)
