@@ -1385,7 +1385,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated horizons T of the seminorm mode, each solved over [0, T] "
                    "(default: --t-end and 10x it; --quick: --t-end)")
     p.add_argument("--f-time", type=float, default=None, help="seconds spent timing one f call per size (default 1.0; --quick: 0.05)")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights and initial state")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and initial state, and of the order of the timed runs")
     p.add_argument("--malloc-keep", action="store_true",
                    help="glibc only: mallopt(M_TRIM_THRESHOLD, M_MMAP_THRESHOLD) so freed memory is kept and reused; "
                    "without it, large states can page-fault on every allocation (erratic timings at the large sizes). "

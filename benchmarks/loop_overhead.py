@@ -80,11 +80,15 @@ def timed(units: Dict[str, Callable[[], object]], repeats: int, inner: int) -> D
 
 def _commit() -> str:
     """The commit of the odenet that is imported (which may be another checkout than this script's)."""
+    where = Path(odenet.__file__).resolve().parent
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(odenet.__file__).resolve().parent, check=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=where, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], capture_output=True, text=True,
+                               cwd=where, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return head + (" with uncommitted changes" if dirty else "")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:

@@ -272,18 +272,23 @@ def _check_inputs(f, y0, t) -> Tuple[Tensor, List[float]]:
 
 
 def _fixed_grid(ts: List[float], steps: Optional[int], step_size: Optional[float]) -> Tuple[float, ...]:
+    """`steps` uniform steps over `[ts[0], ts[-1]]`, or the fewest not longer than `step_size`,
+    or `ts` itself. Cached for short grids: training solves the same grid every iteration."""
     if steps is None and step_size is None:
         return tuple(ts)
-    return _uniform_grid(ts[0], ts[-1], steps, step_size)
-
-
-@functools.lru_cache(maxsize=256)
-def _uniform_grid(t0: float, t1: float, steps: Optional[int], step_size: Optional[float]) -> Tuple[float, ...]:
-    """`steps` uniform steps over [t0, t1], or the fewest not longer than `step_size` (cached:
-    training solves the same grid every iteration)."""
+    t0, t1 = ts[0], ts[-1]
     if steps is None:
         steps = max(1, math.ceil(abs(t1 - t0) / step_size - 1e-9))
+    if steps > 4096:
+        return _uniform_grid(t0, t1, steps)
+    return _cached_uniform_grid(t0, t1, steps)
+
+
+def _uniform_grid(t0: float, t1: float, steps: int) -> Tuple[float, ...]:
     return (*(t0 + (t1 - t0) * i / steps for i in range(steps)), t1)
+
+
+_cached_uniform_grid = functools.lru_cache(maxsize=256)(_uniform_grid)
 
 
 def _module_params(f, adjoint_params) -> Tuple[Tensor, ...]:

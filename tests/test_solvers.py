@@ -248,7 +248,7 @@ def test_stage_times_cached_outside_inference_mode():
 
     import importlib
 
-    importlib.import_module("odenet.solvers.integrate")._cpu_stage_times.cache_clear()  # made below
+    importlib.import_module("odenet.solvers.integrate")._cached_cpu_times.cache_clear()  # made below
     t = [0.0, 0.7]
     with torch.inference_mode():
         odenet.odeint(f, torch.ones(3, 2), t, solver="rk4", steps=3)
@@ -256,6 +256,59 @@ def test_stage_times_cached_outside_inference_mode():
     sol = odenet.odeint(f, y0, t, solver="rk4", steps=3)
     sol.ys[-1].sum().backward()
     assert w.grad is not None and torch.isfinite(w.grad).all()
+
+
+def test_cached_stage_times_survive_f_changing_t_in_place():
+    """A time tensor that f modifies in place is made again for the next solve on the grid."""
+
+    def bad(t, y):
+        t.add_(1.0)
+        return -y
+
+    def good(t, y):
+        return -t * y
+
+    y0 = torch.ones(2, dtype=torch.float64)
+    clean = odenet.odeint(good, y0, [0.0, 0.9], solver="euler", steps=3).ys[-1]
+    odenet.odeint(bad, y0, [0.0, 0.9], solver="euler", steps=3)
+    again = odenet.odeint(good, y0, [0.0, 0.9], solver="euler", steps=3).ys[-1]
+    assert torch.equal(again, clean)
+
+
+def test_stage_times_on_cpu_under_another_default_device():
+    """The cached CPU times ignore a default-device context (a later plain solve still works)."""
+    t = torch.tensor([0.0, 0.8])
+    y0 = torch.ones(2)
+    with torch.device("meta"):
+        inside = odenet.odeint(lambda t, y: -t * y, y0, t, solver="rk4", steps=5).ys[-1]
+    outside = odenet.odeint(lambda t, y: -t * y, y0, t, solver="rk4", steps=5).ys[-1]
+    assert inside.device.type == "cpu" and torch.equal(inside, outside)
+
+
+def test_long_grids_are_not_cached():
+    """Grids of more than a few thousand evaluations are planned per solve, not kept."""
+    import importlib
+
+    mod = importlib.import_module("odenet.solvers.integrate")
+    before = (mod._cached_plan.cache_info().currsize, mod._cached_cpu_times.cache_info().currsize)
+    sol = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], solver="rk4", steps=2000)
+    assert sol.stats.nfe_forward == 8000
+    assert (mod._cached_plan.cache_info().currsize, mod._cached_cpu_times.cache_info().currsize) == before
+
+
+def test_fixed_loop_uses_an_overridden_step():
+    """A subclass that changes `step` gets it on fixed grids too (Euler included)."""
+    calls = []
+
+    class Traced(ExplicitRK):
+        def step(self, *args, **kwargs):
+            calls.append(args[1])
+            return super().step(*args, **kwargs)
+
+    plain = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], solver="euler", steps=4)
+    traced = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], solver=Traced(SOLVERS["euler"]().tableau), steps=4)
+    assert calls == [0.0, 0.25, 0.5, 0.75] and torch.equal(traced.ys, plain.ys)
+    assert traced.stats.nfe_forward == 4
 
 
 def test_integrate_rejects_a_grid_off_the_output_times():

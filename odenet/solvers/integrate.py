@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -123,6 +124,14 @@ class LoopResult(NamedTuple):
     h: float
     records: Optional[List[StepRecord]]
     steps: List[StepInfo]
+
+
+def _compiling() -> bool:
+    """True while torch.compile traces the solve (Dynamo folds this to a constant)."""
+    check = getattr(torch.compiler, "is_compiling", None)
+    if check is None:  # torch < 2.3
+        check = getattr(sys.modules.get("torch._dynamo"), "is_compiling", None)
+    return bool(check is not None and check())
 
 
 def _capturing(y: Tensor) -> bool:
@@ -265,25 +274,62 @@ class _GridPlan(NamedTuple):
     log: Tuple[StepInfo, ...]
 
 
-@functools.lru_cache(maxsize=64)
-def _grid_plan(grid: Tuple[float, ...], c: Tuple[float, ...]) -> _GridPlan:
-    """The plan of a grid for a method with nodes `c`; cached, since training solves the same
-    grid every iteration."""
+class _StageTimes(NamedTuple):
+    """A grid's stage times as 0-dim CPU tensors: views of `base`, grouped per step."""
+
+    base: Tensor
+    steps: Tuple[Tuple[Tensor, ...], ...]
+
+
+# Grids are cached only up to this many stage evaluations: training solves the same grid every
+# iteration, where making the plan is a visible part of a small solve; a long grid amortises it,
+# and caching it would keep every one of its times alive.
+_CACHE_MAX_STAGES = 4096
+
+
+def _make_plan(grid: Tuple[float, ...], c: Tuple[float, ...]) -> _GridPlan:
     hs = tuple(b - a for a, b in zip(grid, grid[1:]))
     times = tuple(tuple(t + ci * h for ci in c) for t, h in zip(grid, hs))
     return _GridPlan(hs, times, tuple(StepInfo(t, h, True) for t, h in zip(grid, hs)))
 
 
-@functools.lru_cache(maxsize=64)
-def _cpu_stage_times(grid: Tuple[float, ...], c: Tuple[float, ...], dtype: torch.dtype) -> Tuple[Tuple[Tensor, ...], ...]:
-    """The stage times of `_grid_plan(grid, c)` as 0-dim CPU tensors: views of one tensor, made
-    once per grid and dtype rather than one tensor per call of `f` (cached, like the plan; made
-    outside inference mode so that they also serve solves with autograd)."""
-    times = _grid_plan(grid, c).times
+def _make_cpu_times(plan: _GridPlan, s: int, dtype: torch.dtype) -> _StageTimes:
+    # Outside inference mode, so that times made during an inference-mode solve also serve
+    # solves with autograd; on the CPU whatever the default device.
     with torch.inference_mode(False):
-        flat = torch.tensor([x for step in times for x in step], dtype=dtype).unbind(0)
-    s = len(c)
-    return tuple(flat[i * s:(i + 1) * s] for i in range(len(times)))
+        base = torch.tensor([x for step in plan.times for x in step], dtype=dtype, device="cpu")
+    flat = base.unbind(0)
+    return _StageTimes(base, tuple(flat[i * s:(i + 1) * s] for i in range(len(plan.times))))
+
+
+_cached_plan = functools.lru_cache(maxsize=64)(_make_plan)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_cpu_times(grid: Tuple[float, ...], c: Tuple[float, ...], dtype: torch.dtype) -> _StageTimes:
+    return _make_cpu_times(_cached_plan(grid, c), len(c), dtype)
+
+
+def _grid_plan(grid: Tuple[float, ...], c: Tuple[float, ...]) -> _GridPlan:
+    """Step sizes, stage times and step log of `grid` for a method with nodes `c` (cached for
+    grids of up to `_CACHE_MAX_STAGES` evaluations)."""
+    if len(grid) * len(c) > _CACHE_MAX_STAGES:
+        return _make_plan(grid, c)
+    return _cached_plan(grid, c)
+
+
+def _cpu_stage_times(plan: _GridPlan, grid: Tuple[float, ...], c: Tuple[float, ...],
+                     dtype: torch.dtype) -> Tuple[Tuple[Tensor, ...], ...]:
+    """The stage times of `plan` (`_grid_plan(grid, c)`) as 0-dim CPU tensors of `dtype`, per
+    step: views of one tensor, rather than one tensor per call of `f`. Cached like the plan; if
+    `f` changed a cached time in place (its version counter moved), they are made again."""
+    if len(grid) * len(c) > _CACHE_MAX_STAGES:
+        return _make_cpu_times(plan, len(c), dtype).steps
+    entry = _cached_cpu_times(grid, c, dtype)
+    if entry.base._version:
+        _cached_cpu_times.cache_clear()
+        entry = _cached_cpu_times(grid, c, dtype)
+    return entry.steps
 
 
 def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: SolveStats,
@@ -299,17 +345,22 @@ def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: S
     plan = _grid_plan(grid, tab.c)
     hs = plan.hs
     # FSAL methods hand their last stage to the next step (`step`); a one-stage method is Euler,
-    # the residual update `y + h f(t, y)`, written out here; the others take `advance`.
-    fsal, euler = tab.fsal, tab.stages == 1
+    # the residual update `y + h f(t, y)`, written out here; the others take `advance`. A
+    # subclass that overrides `step` or `advance` gets its `step` for every method.
+    own = type(solver).step is ExplicitRK.step and type(solver).advance is ExplicitRK.advance
+    use_step = tab.fsal or not own
+    euler = own and tab.stages == 1
     w = tab.b[0]  # Euler's one weight, 1
     # odenet's wrapper takes the stage times as tensors, made once per grid on the CPU, and
     # there the loop calls f itself after the first step (the wrapper has checked f's output
-    # by then) and counts those calls at the end. A plain f gets floats; on other devices each
-    # time is made from its float by the wrapper (no copy from the host, so no synchronisation,
-    # and allowed in CUDA graph capture).
-    bulk = isinstance(f, CountedFunc) and y0.device.type == "cpu"
-    times = _cpu_stage_times(grid, tab.c, y0.dtype) if bulk else plan.times
-    after_first = f.f if bulk and not fsal else f
+    # by then; not with `step`, whose count per step varies) and counts those calls at
+    # the end. If f raises, the calls of the step it raised in go uncounted. A plain f gets
+    # floats; on other devices, and while torch.compile traces the whole solve, each time is
+    # made from its float by the wrapper (on CUDA: no copy from the host, so no
+    # synchronisation, and allowed in CUDA graph capture).
+    bulk = isinstance(f, CountedFunc) and y0.device.type == "cpu" and not _compiling()
+    times = _cpu_stage_times(plan, grid, tab.c, y0.dtype) if bulk else plan.times
+    after_first = f.f if bulk and not use_step else f
     call = f
     y = y0
     k1: Optional[Tensor] = None
@@ -321,7 +372,7 @@ def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: S
             if euler:
                 k = call(times[i][0], y)
                 y1 = torch.add(y, k, alpha=h * w)
-            elif fsal:
+            elif use_step:
                 res = solver.step(call, grid[i], y, h, k1, times=times[i])
                 y1, ks, k1 = res.y1, res.ks, res.k_next
             else:
