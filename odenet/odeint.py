@@ -279,7 +279,7 @@ def _fixed_grid(ts: List[float], steps: Optional[int], step_size: Optional[float
     t0, t1 = ts[0], ts[-1]
     if steps is None:
         steps = max(1, math.ceil(abs(t1 - t0) / step_size - 1e-9))
-    if steps > 4096:
+    if steps > _CACHED_GRID_STEPS:
         return _uniform_grid(t0, t1, steps)
     return _cached_uniform_grid(t0, t1, steps)
 
@@ -288,6 +288,7 @@ def _uniform_grid(t0: float, t1: float, steps: int) -> Tuple[float, ...]:
     return (*(t0 + (t1 - t0) * i / steps for i in range(steps)), t1)
 
 
+_CACHED_GRID_STEPS = 4096  # longer grids amortise making them, and would fill the cache
 _cached_uniform_grid = functools.lru_cache(maxsize=256)(_uniform_grid)
 
 
