@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .gradients import GRADIENTS, attach_time_gradients, run_solve
 from .solution import Solution
 from .solvers.controller import PIController
-from .solvers.integrate import CountedFunc
+from .solvers.integrate import CountedFunc, _compiling
 from .solvers.rk import SOLVERS, ExplicitRK, get_solver
 from .solvers.stats import SolveStats
 from .solvers.status import SolverError, Status
@@ -279,7 +279,7 @@ def _fixed_grid(ts: List[float], steps: Optional[int], step_size: Optional[float
     t0, t1 = ts[0], ts[-1]
     if steps is None:
         steps = max(1, math.ceil(abs(t1 - t0) / step_size - 1e-9))
-    if steps > _CACHED_GRID_STEPS:
+    if steps > _CACHED_GRID_STEPS or _compiling():  # Dynamo would trace past the cache
         return _uniform_grid(t0, t1, steps)
     return _cached_uniform_grid(t0, t1, steps)
 

@@ -337,6 +337,9 @@ def _ddp_worker(rank, world, port, path):
     res = train(model, x, y, epochs=2, batch_size=16, seed=0, info=info)
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     torch.save(dict(rank=info.rank, world=info.world_size, params=flat, history=res.history), f"{path}.{rank}")
+    # Both ranks done before either tears down gloo: a fresh-clone CI run once saw rank 0 abort
+    # ("terminate called without an active exception") in teardown without this.
+    torch.distributed.barrier()
     cleanup_distributed()
 
 

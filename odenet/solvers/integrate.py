@@ -313,7 +313,7 @@ def _cached_cpu_times(grid: Tuple[float, ...], c: Tuple[float, ...], dtype: torc
 def _grid_plan(grid: Tuple[float, ...], c: Tuple[float, ...]) -> _GridPlan:
     """Step sizes, stage times and step log of `grid` for a method with nodes `c` (cached for
     grids of up to `_CACHE_MAX_STAGES` evaluations)."""
-    if len(grid) * len(c) > _CACHE_MAX_STAGES:
+    if len(grid) * len(c) > _CACHE_MAX_STAGES or _compiling():  # Dynamo would trace past the cache
         return _make_plan(grid, c)
     return _cached_plan(grid, c)
 
