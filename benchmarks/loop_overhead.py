@@ -7,9 +7,10 @@ loop: what odenet adds on top of the N residual updates a ResNet would run. Prin
 solve of `odenet.odeint(f, y0, [0, 1], solver=..., steps=N)` and of the hand-written loop
 `y = y + h * f(t_i, y)` (classical RK4 for `--solver rk4`), and the difference in microseconds.
 
-Both run interleaved in one process, each sample after one untimed run of the same solve, with
-Python's garbage collector off, as in `bench_solvers.py`. The difference is what
-`bench_solvers.py --modes fixed` adds to `N x t_f` at sizes where `f` is cheap.
+Both are `bench_solvers.py`'s own builders (`build_odenet`, `build_hand`, `make_unit`), timed by
+its rounds (`_timed_rounds`: shuffled order, one untimed run before each sample) with Python's
+garbage collector off. The difference is what `bench_solvers.py --modes fixed` adds to
+`N x t_f` at sizes where `f` is cheap.
 
     python benchmarks/loop_overhead.py                      # euler, 20 steps, [256, 2]
     python benchmarks/loop_overhead.py --solver rk4 --steps 10
@@ -19,63 +20,50 @@ from __future__ import annotations
 
 import argparse
 import gc
-import random
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from types import SimpleNamespace
+from typing import Dict, Optional, Sequence
 
 import torch
+from torch import nn
 
 import odenet
 
-
-def hand_loop(f, solver: str, steps: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """N residual updates (euler) or classical RK4 steps over [0, 1], times made in advance."""
-    h = 1.0 / steps
-    t = [torch.tensor(i * h) for i in range(steps + 1)]
-    mid = [torch.tensor((i + 0.5) * h) for i in range(steps)]
-    if solver == "euler":
-        def loop(y):
-            for i in range(steps):
-                y = torch.add(y, f(t[i], y), alpha=h)
-            return y
-    else:
-        def loop(y):
-            for i in range(steps):
-                k1 = f(t[i], y)
-                k2 = f(mid[i], y + (h / 2) * k1)
-                k3 = f(mid[i], y + (h / 2) * k2)
-                k4 = f(t[i + 1], y + h * k3)
-                y = y + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
-            return y
-    return loop
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_solvers as bench  # noqa: E402  (the same builders and timing as the benchmark)
 
 
-def timed(units: Dict[str, Callable[[], object]], repeats: int, inner: int) -> Dict[str, float]:
-    """Median seconds per call of each unit: rounds in shuffled order, one untimed call first."""
-    order = random.Random(0)
-    samples: Dict[str, List[float]] = {k: [] for k in units}
-    for u in units.values():
+class Scale(nn.Module):
+    """`f(t, y) = y * w`: as cheap as a field with a parameter gets."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(dim))
+
+    def forward(self, t, y):
+        return y * self.w
+
+
+def timed(cases, repeats: int, inner: int) -> Dict[str, float]:
+    """Median seconds per solve of each case, timed as `bench_solvers.time_cases` does but with
+    a fixed number of back-to-back solves per sample."""
+    for c in cases:
+        c.inner = inner
         for _ in range(20):
-            u()
+            c.unit()
     gc.collect()
     gc.disable()
     try:
-        for _ in range(repeats):
-            names = list(units)
-            order.shuffle(names)
-            for name in names:
-                units[name]()
-                s = time.perf_counter()
-                for _ in range(inner):
-                    units[name]()
-                samples[name].append((time.perf_counter() - s) / inner)
+        bench._timed_rounds(cases, SimpleNamespace(repeats=repeats, seed=0, device="cpu"), ("f",), None)
     finally:
         gc.enable()
-    return {k: statistics.median(v) for k, v in samples.items()}
+    for c in cases:
+        if c.error is not None:
+            raise RuntimeError(f"{c.library} failed: {c.error}")
+    return {f"{c.library} {'train' if c.train else 'forward'}": statistics.median(c.times) for c in cases}
 
 
 def _commit() -> str:
@@ -108,36 +96,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
         p.error(f"--shape takes sizes joined by 'x', such as 256x2; got {a.shape!r}")
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    w = torch.randn(shape[-1], requires_grad=True)
-
-    def f(t, y):
-        return y * w
-
+    module = Scale(shape[-1])
     y0 = torch.randn(shape)
-    y0t = y0.clone().requires_grad_(True)
-    solves = {
-        "odenet": lambda y: odenet.odeint(f, y, [0.0, 1.0], solver=a.solver, steps=a.steps).ys[-1],
-        "hand": hand_loop(f, a.solver, a.steps),
-    }
+    size = bench.Size(a.shape, "mlp", shape, 0)
+    prob = bench.Problem(size, module, module, y0, [0.0, 1.0], torch.tensor([0.0, 1.0]))
+    solves = {lib: bench.BUILDERS[lib](prob, a.solver, "direct", a.steps, None) for lib in ("odenet", "hand")}
     with torch.no_grad():
         for name, solve in solves.items():  # the same arithmetic, so the same result
-            torch.testing.assert_close(solve(y0), solves["hand"](y0), rtol=1e-5, atol=1e-6, msg=name)
-
-    def forward(solve):
-        def unit():
-            with torch.no_grad():
-                return solve(y0)
-        return unit
-
-    def train(solve):
-        def unit():
-            w.grad = y0t.grad = None
-            solve(y0t).square().mean().backward()
-        return unit
-
-    units = {f"{name} {phase}": make(solve) for name, solve in solves.items()
-             for phase, make in (("forward", forward), ("train", train))}
-    med = timed(units, a.repeats, a.inner)
+            torch.testing.assert_close(solve(y0)[0], solves["hand"](y0)[0], rtol=1e-5, atol=1e-6, msg=name)
+    cases = [bench.Case("fixed", size, a.solver, lib, "direct" if train else None, steps=a.steps, train=train,
+                        unit=bench.make_unit(solve, prob, train))
+             for lib, solve in solves.items() for train in (False, True)]
+    med = timed(cases, a.repeats, a.inner)
     args = list(argv if argv is not None else [])
     print(f"- command: `{' '.join(['python benchmarks/loop_overhead.py', *args])}`")
     print(f"- odenet at git commit {_commit()}, torch {torch.__version__}, threads {a.threads}, state {list(shape)}, "

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .gradients import GRADIENTS, attach_time_gradients, run_solve
 from .solution import Solution
 from .solvers.controller import PIController
-from .solvers.integrate import CountedFunc, _compiling
+from .solvers.integrate import CountedFunc
 from .solvers.rk import SOLVERS, ExplicitRK, get_solver
 from .solvers.stats import SolveStats
 from .solvers.status import SolverError, Status
@@ -273,23 +273,13 @@ def _check_inputs(f, y0, t) -> Tuple[Tensor, List[float]]:
 
 def _fixed_grid(ts: List[float], steps: Optional[int], step_size: Optional[float]) -> Tuple[float, ...]:
     """`steps` uniform steps over `[ts[0], ts[-1]]`, or the fewest not longer than `step_size`,
-    or `ts` itself. Cached for short grids: training solves the same grid every iteration."""
+    or `ts` itself."""
     if steps is None and step_size is None:
         return tuple(ts)
     t0, t1 = ts[0], ts[-1]
     if steps is None:
         steps = max(1, math.ceil(abs(t1 - t0) / step_size - 1e-9))
-    if steps > _CACHED_GRID_STEPS or _compiling():  # Dynamo would trace past the cache
-        return _uniform_grid(t0, t1, steps)
-    return _cached_uniform_grid(t0, t1, steps)
-
-
-def _uniform_grid(t0: float, t1: float, steps: int) -> Tuple[float, ...]:
     return (*(t0 + (t1 - t0) * i / steps for i in range(steps)), t1)
-
-
-_CACHED_GRID_STEPS = 4096  # longer grids amortise making them, and would fill the cache
-_cached_uniform_grid = functools.lru_cache(maxsize=256)(_uniform_grid)
 
 
 def _module_params(f, adjoint_params) -> Tuple[Tensor, ...]:

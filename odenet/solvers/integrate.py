@@ -310,20 +310,12 @@ def _cached_cpu_times(grid: Tuple[float, ...], c: Tuple[float, ...], dtype: torc
     return _make_cpu_times(_cached_plan(grid, c), len(c), dtype)
 
 
-def _grid_plan(grid: Tuple[float, ...], c: Tuple[float, ...]) -> _GridPlan:
-    """Step sizes, stage times and step log of `grid` for a method with nodes `c` (cached for
-    grids of up to `_CACHE_MAX_STAGES` evaluations)."""
-    if len(grid) * len(c) > _CACHE_MAX_STAGES or _compiling():  # Dynamo would trace past the cache
-        return _make_plan(grid, c)
-    return _cached_plan(grid, c)
-
-
-def _cpu_stage_times(plan: _GridPlan, grid: Tuple[float, ...], c: Tuple[float, ...],
-                     dtype: torch.dtype) -> Tuple[Tuple[Tensor, ...], ...]:
-    """The stage times of `plan` (`_grid_plan(grid, c)`) as 0-dim CPU tensors of `dtype`, per
-    step: views of one tensor, rather than one tensor per call of `f`. Cached like the plan; if
-    `f` changed a cached time in place (its version counter moved), they are made again."""
-    if len(grid) * len(c) > _CACHE_MAX_STAGES:
+def _cpu_stage_times(plan: _GridPlan, grid: Tuple[float, ...], c: Tuple[float, ...], dtype: torch.dtype,
+                     cache: bool) -> Tuple[Tuple[Tensor, ...], ...]:
+    """The stage times of `plan` as 0-dim CPU tensors of `dtype`, per step: views of one tensor,
+    rather than one tensor per call of `f`. With `cache`, kept per grid like the plan, and made
+    again if `f` changed one in place (its version counter moved)."""
+    if not cache:
         return _make_cpu_times(plan, len(c), dtype).steps
     entry = _cached_cpu_times(grid, c, dtype)
     if entry.base._version:
@@ -342,7 +334,10 @@ def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: S
     direction = 1.0 if ts[-1] > ts[0] else -1.0
     n_steps = len(grid) - 1
     tab = solver.tableau
-    plan = _grid_plan(grid, tab.c)
+    compiling = _compiling()
+    # Short grids' plans are cached (not while torch.compile traces: Dynamo traces past caches).
+    cache = not compiling and len(grid) * tab.stages <= _CACHE_MAX_STAGES
+    plan = _cached_plan(grid, tab.c) if cache else _make_plan(grid, tab.c)
     hs = plan.hs
     # FSAL methods hand their last stage to the next step (`step`); a one-stage method is Euler,
     # the residual update `y + h f(t, y)`, written out here; the others take `advance`. A
@@ -358,8 +353,8 @@ def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: S
     # floats; on other devices, and while torch.compile traces the whole solve, each time is
     # made from its float by the wrapper (on CUDA: no copy from the host, so no
     # synchronisation, and allowed in CUDA graph capture).
-    bulk = isinstance(f, CountedFunc) and y0.device.type == "cpu" and not _compiling()
-    times = _cpu_stage_times(plan, grid, tab.c, y0.dtype) if bulk else plan.times
+    bulk = isinstance(f, CountedFunc) and y0.device.type == "cpu" and not compiling
+    times = _cpu_stage_times(plan, grid, tab.c, y0.dtype, cache) if bulk else plan.times
     after_first = f.f if bulk and not use_step else f
     call = f
     y = y0
