@@ -719,15 +719,10 @@ def time_cases(cases: List[Case], cfg: Config, probe: Optional[FProbe] = None) -
 
     A timed sample of a case is one untimed run, then `inner` back-to-back runs (as many as
     fill about 5 ms, at most 50), recorded as the time per run. Like the probe's samples of
-    f, it so measures a warm solve. A run right after another library's work or the probe
-    starts cold (caches, allocator): at the smallest sizes that once added as much again as
-    the solver's own cost, and it depends on which case ran before. This script used to
-    rotate a fixed list and time from the first run; rotation keeps the cyclic order, so
-    each case had the same predecessor in every round, and the first case (odenet) always
-    followed the probe's backward pass, which left its small fixed-euler training step
-    slower than it ran after the hand-written loop. With the untimed run, the order barely
-    matters, and the shuffle spreads what is left over every case.
-    Python's garbage collector is off during the timed rounds (see below).
+    f, it so measures a warm solve: a run right after another library's work or the probe
+    starts cold, by an amount that depends on what ran before (`docs/benchmarks.md` tells
+    how a fixed rotation once charged odenet for the probe). The shuffle spreads what is
+    left over every case. Python's garbage collector is off during the timed rounds.
     """
     kinds = ("f", "fb") if any(c.train for c in cases) else ("f",)
     live = [c for c in cases if c.error is None]
@@ -750,17 +745,22 @@ def time_cases(cases: List[Case], cfg: Config, probe: Optional[FProbe] = None) -
             c.error = _err(err)
             if os.environ.get("BENCH_DEBUG"):
                 traceback.print_exc()
-    live = [c for c in live if c.error is None]
+    _timed_rounds([c for c in live if c.error is None], cfg, kinds, probe)
+
+
+def _timed_rounds(live: List[Case], cfg: Config, kinds: Sequence[str], probe: Optional[FProbe]) -> None:
+    """`cfg.repeats` shuffled rounds of timed samples, with the garbage collector off (collect
+    before calling, as `time_cases` does before its warm-up)."""
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        _timed_rounds(live, cfg, kinds, probe)
+        _rounds(live, cfg, kinds, probe)
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
-def _timed_rounds(live: List[Case], cfg: Config, kinds: Sequence[str], probe: Optional[FProbe]) -> None:
+def _rounds(live: List[Case], cfg: Config, kinds: Sequence[str], probe: Optional[FProbe]) -> None:
     order = random.Random(cfg.seed)
     for _ in range(cfg.repeats):
         items: List[Any] = list(live) + ([probe] if probe is not None else [])

@@ -55,11 +55,7 @@ def timed(cases, repeats: int, inner: int) -> Dict[str, float]:
         for _ in range(20):
             c.unit()
     gc.collect()
-    gc.disable()
-    try:
-        bench._timed_rounds(cases, SimpleNamespace(repeats=repeats, seed=0, device="cpu"), ("f",), None)
-    finally:
-        gc.enable()
+    bench._timed_rounds(cases, SimpleNamespace(repeats=repeats, seed=0, device="cpu"), ("f",), None)
     for c in cases:
         if c.error is not None:
             raise RuntimeError(f"{c.library} failed: {c.error}")
