@@ -50,6 +50,7 @@ Notes on fairness:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -70,7 +71,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 import odenet
 from odenet import measure
@@ -327,27 +327,6 @@ class FProbe:
 
 
 # ============================================================================ instrumentation
-
-
-class HostReads(TorchFunctionMode):
-    """Counts reads of tensor values into Python (`float()`, `bool()`, `.item()`, ...):
-    each is a host-device synchronisation when the tensor lives on a GPU."""
-
-    NAMES = frozenset({"__bool__", "__float__", "__int__", "__index__", "item", "tolist", "nonzero"})
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name in self.NAMES:
-            self.count += 1
-        elif name in ("to", "cpu") and args and isinstance(args[0], Tensor) and args[0].device.type != "cpu":
-            dev = kwargs.get("device") if kwargs else None
-            if name == "cpu" or dev == "cpu" or (len(args) > 1 and str(args[1]) == "cpu"):
-                self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 @dataclass
@@ -788,15 +767,12 @@ def instrumented_run(case: Case, prob: Problem, cfg: Config) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     solve = case.instrumented
     params = prob.params
-    count_reads = not cfg.compile  # TorchFunctionMode and dynamo do not mix well
+    # Host reads of the whole run, backward included (not under torch.compile: Dynamo would
+    # trace the wrapped tensor methods).
+    counting = measure.host_reads if not cfg.compile else contextlib.nullcontext
     if not case.train:
-        reads = HostReads() if count_reads else None
-        with torch.no_grad():
-            if reads is not None:
-                with reads:
-                    y, counts = solve(prob.y0)
-            else:
-                y, counts = solve(prob.y0)
+        with torch.no_grad(), counting() as reads:
+            y, counts = solve(prob.y0)
         _sync(cfg.device)
         out["host_reads"] = reads.count if reads is not None else None
         out["counts"] = counts()
@@ -804,14 +780,10 @@ def instrumented_run(case: Case, prob: Problem, cfg: Config) -> Dict[str, Any]:
         return out
     y0t = prob.train_y0()
     _zero_grads(params)
-    reads = HostReads() if count_reads else None
-    with measure.saved_tensors(exclude=params) as saved:
-        if reads is not None:
-            with reads:
-                y, counts = solve(y0t)
-        else:
+    with counting() as reads:
+        with measure.saved_tensors(exclude=params) as saved:
             y, counts = solve(y0t)
-    y.square().mean().backward()
+        y.square().mean().backward()  # outside the saved-tensor count: an adjoint's backward saves too
     _sync(cfg.device)
     out["host_reads"] = reads.count if reads is not None else None
     out["saved_bytes"] = saved.bytes
@@ -968,11 +940,13 @@ def _reads_slope(case: Case, prob: Problem, cfg: Config) -> Optional[float]:
             p, steps = replace(prob, ts=ts, t=torch.tensor(ts, dtype=prob.y0.dtype, device=prob.y0.device)), None
         solve = BUILDERS[case.library](p, case.solver, case.gradient or "direct", steps, cfg, instrumented=True)
         y0 = p.train_y0() if case.train else p.y0
-        mode = HostReads()
-        with torch.set_grad_enabled(case.train), mode:
-            _, counts = solve(y0)
+        with torch.set_grad_enabled(case.train), measure.host_reads() as reads:
+            y, counts = solve(y0)
+            if case.train:
+                y.square().mean().backward()
+        _zero_grads(prob.params)
         c = counts()
-        points.append((mode.count, (c.n_accepted or 0) + (c.n_rejected or 0)))
+        points.append((reads.count, (c.n_accepted or 0) + (c.n_rejected or 0)))
     (r1, s1), (r2, s2) = points
     return (r2 - r1) / (s2 - s1) if s2 != s1 else None
 

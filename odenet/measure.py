@@ -1,4 +1,4 @@
-"""Measuring what a block costs: activation memory, time, peak CUDA memory.
+"""Measuring what a block costs: activation memory, time, peak CUDA memory, host reads.
 
 Activation memory is counted as the bytes of the distinct tensor storages that
 autograd saves for backward, via :func:`torch.autograd.graph.saved_tensors_hooks`.
@@ -12,12 +12,12 @@ import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["SavedTensors", "saved_tensors", "median_time", "cuda_peak_memory", "synchronize"]
+__all__ = ["SavedTensors", "saved_tensors", "HostReads", "host_reads", "median_time", "cuda_peak_memory", "synchronize"]
 
 
 @dataclass
@@ -113,6 +113,100 @@ def saved_tensors(exclude: Iterable[Tensor] = ()) -> Iterator[SavedTensors]:
             yield tally
     finally:
         tally._held.clear()  # counting is done; let the storages go with their graphs
+
+
+@dataclass(eq=False)
+class HostReads:
+    """Tally filled in by :func:`host_reads`.
+
+    **Fields:**
+
+    - `count`: reads of tensor values into Python, and copies to the CPU from another device.
+    - `by_kind`: the same reads per method name (`"__float__"`, `"item"`, `"tolist"`, `"to"`, ...).
+
+    **Example:**
+
+    ```python
+    from odenet.measure import host_reads
+
+    with host_reads() as reads:
+        float(torch.ones(3).sum())
+    reads.count, reads.by_kind  # 1, {'__float__': 1}
+    ```
+    """
+
+    count: int = 0  #: reads of tensor values into Python (and copies to the CPU from another device)
+    by_kind: Dict[str, int] = field(default_factory=dict)  #: the reads per method name
+
+
+# The `torch.Tensor` methods that hand a tensor's values to Python, and the ones that copy them
+# to the CPU (counted only when the source is on another device).
+_READS = ("__bool__", "__float__", "__int__", "__index__", "__complex__", "item", "tolist", "nonzero", "numpy")
+_COPIES = ("to", "cpu")
+_counting: List[HostReads] = []  # the open blocks, innermost last
+_originals: Dict[str, object] = {}  # what `torch.Tensor` itself defined under each name, if anything
+
+
+def _counted(name: str, method: Callable, copy: bool) -> Callable:
+    def wrapper(self, *args, **kwargs):
+        out = method(self, *args, **kwargs)
+        if not copy or (self.device.type != "cpu" and isinstance(out, Tensor) and out.device.type == "cpu"):
+            for tally in _counting:
+                tally.count += 1
+                tally.by_kind[name] = tally.by_kind.get(name, 0) + 1
+        return out
+
+    wrapper.__name__ = wrapper.__qualname__ = name
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
+
+@contextmanager
+def host_reads() -> Iterator[HostReads]:
+    """Count the reads of tensor values into Python inside the `with` block: `float()`,
+    `bool()`, `int()`, `.item()`, `.tolist()`, `.nonzero()`, `.numpy()`, and copies to the CPU
+    (`.cpu()`, `.to("cpu")`) from another device. On a GPU each is a host-device
+    synchronisation, so the count per solver step says whether a loop waits for the GPU.
+
+    The reading methods of `torch.Tensor` are wrapped while the block runs, so reads made in
+    autograd's backward count too (a `TorchFunctionMode` is switched off inside
+    `Tensor.backward`). Reads inside PyTorch's C++ code (boolean-mask indexing, say) are not
+    seen; on CUDA, `torch.cuda.set_sync_debug_mode("warn")` reports those too. Blocks may nest;
+    each counts what runs inside it. Not thread-safe with respect to other threads entering or
+    leaving a block.
+
+    **Returns:** a context manager that yields a `HostReads`, filled in as the block runs.
+
+    **Example:**
+
+    ```python
+    import torch, odenet
+    from odenet.measure import host_reads
+
+    block = odenet.ODEBlock(odenet.MLPDynamics(dim=2), solver="rk4", steps=8)
+    x = torch.randn(32, 2)
+    with host_reads() as reads:
+        block(x).sum().backward()
+    reads.count  # 2 whatever the steps: the output times as floats, one finiteness check
+    ```
+    """
+    tally = HostReads()
+    if not _counting:
+        for name in (n for n in _READS + _COPIES if hasattr(torch.Tensor, n)):
+            _originals[name] = torch.Tensor.__dict__.get(name)
+            setattr(torch.Tensor, name, _counted(name, getattr(torch.Tensor, name), name in _COPIES))
+    _counting.append(tally)
+    try:
+        yield tally
+    finally:
+        del _counting[next(i for i, t in enumerate(_counting) if t is tally)]
+        if not _counting:
+            for name, original in _originals.items():
+                if original is None:
+                    delattr(torch.Tensor, name)  # inherited from torch's C base class
+                else:
+                    setattr(torch.Tensor, name, original)
+            _originals.clear()
 
 
 def synchronize(device) -> None:

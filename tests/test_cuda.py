@@ -191,3 +191,14 @@ def test_cuda_peak_memory_sees_an_allocation():
     n = 1 << 22  # 16 MiB of float32
     peak = odenet.measure.cuda_peak_memory(lambda: torch.ones(n, device=CUDA))
     assert 4 * n <= peak < 8 * n
+
+
+def test_host_reads_counts_copies_to_the_cpu():
+    x = torch.arange(4.0, device=CUDA)
+    with odenet.measure.host_reads() as reads:
+        x.cpu(), x.to("cpu"), x.to(torch.float64), x.to(CUDA)  # two copies to the CPU, two on the GPU
+        float(x[0])
+    assert reads.by_kind == {"cpu": 1, "to": 1, "__float__": 1}
+    with Syncs() as s:
+        x.cpu()
+    assert s.count == 1  # what host_reads stands for: a copy to the CPU synchronises

@@ -3,7 +3,7 @@
 "no synchronisation per step" promise of the fixed-step path and the "one per attempted step"
 of the adaptive path.
 
-Counted here on the CPU with a `TorchFunctionMode`, so they run on every machine;
+Counted here on the CPU with `odenet.measure.host_reads`, so they run on every machine;
 `tests/test_cuda.py` checks the same promises on a GPU with CUDA's own sync detector.
 """
 
@@ -14,44 +14,10 @@ import torch
 
 import odenet
 from odenet.solvers import SOLVERS, SolveStats, integrate
+from odenet.measure import host_reads
 from odenet.solvers.integrate import CountedFunc
 
 integrate_module = sys.modules["odenet.solvers.integrate"]  # the name `integrate` is the function
-
-
-class Reads:
-    """Counts reads of tensor values into Python, in forward and backward passes alike.
-
-    The tensor methods that read values are wrapped on `torch.Tensor` for the duration (a
-    `TorchFunctionMode` would miss the reads that autograd's engine makes in backward).
-    """
-
-    NAMES = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist", "nonzero")
-
-    def __init__(self):
-        self.count = 0
-        self._saved = {}
-
-    def _wrap(self, method):
-        def counted(*args, **kwargs):
-            self.count += 1
-            return method(*args, **kwargs)
-
-        return counted
-
-    def __enter__(self):
-        for name in self.NAMES:
-            self._saved[name] = torch.Tensor.__dict__.get(name)
-            setattr(torch.Tensor, name, self._wrap(getattr(torch.Tensor, name)))
-        return self
-
-    def __exit__(self, *exc):
-        for name, method in self._saved.items():
-            if method is None:
-                delattr(torch.Tensor, name)
-            else:
-                setattr(torch.Tensor, name, method)
-        return False
 
 
 def _decay(t, y):
@@ -63,7 +29,7 @@ def _fixed_reads(solver, n_steps, wrap):
     grid = [i / n_steps for i in range(n_steps)] + [1.0]
     stats = SolveStats()
     f = CountedFunc(_decay, stats) if wrap else _decay
-    with Reads() as reads:
+    with host_reads() as reads:
         res = integrate(f, y0, [0.0, 1.0], solver, stats=stats, grid=grid)
     assert res.status is odenet.Status.SUCCESS
     torch.testing.assert_close(res.ys[-1], y0 * torch.exp(torch.tensor(-1.0)), rtol=0.3, atol=0)
@@ -103,7 +69,7 @@ def test_fixed_step_training_step_reads_do_not_grow_with_steps(gradient, solver)
         torch.manual_seed(0)
         block = odenet.ODEBlock(odenet.MLPDynamics(3, 8), solver=solver, steps=steps, gradient=gradient)
         x = torch.randn(5, 3, requires_grad=True)
-        with Reads() as r:
+        with host_reads() as r:
             block(x).square().sum().backward()
         assert x.grad is not None and all(p.grad is not None for p in block.parameters())
         return r.count
@@ -121,7 +87,7 @@ def test_adaptive_loop_reads_once_per_attempted_step(name, first_step):
     y0 = torch.tensor([[1.0, 0.0], [0.3, -0.5]])
     for tol in (1e-3, 1e-6):
         stats = SolveStats()
-        with Reads() as reads:
+        with host_reads() as reads:
             res = integrate(lambda t, y: y @ A.T, y0, [0.0, 0.5, 2.0], SOLVERS[name](), stats=stats, rtol=tol,
                             atol=tol, first_step=first_step)
         assert res.status is odenet.Status.SUCCESS
@@ -136,11 +102,11 @@ def test_adjoint_backward_reads_once_per_attempted_step():
     torch.manual_seed(0)
     block = odenet.ODEBlock(odenet.MLPDynamics(3, 8), solver="dopri5", rtol=1e-5, atol=1e-5, gradient="adjoint")
     x = torch.randn(5, 3)
-    with Reads() as fwd:
+    with host_reads() as fwd:
         y = block(x)
     s = block.last_stats
     assert fwd.count == s.n_accepted + s.n_rejected + 2 + 1
-    with Reads() as bwd:
+    with host_reads() as bwd:
         y.square().sum().backward()
     assert s.nfe_backward > 0
     assert bwd.count == s.n_accepted_backward + s.n_rejected_backward + 2

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import odenet
-from odenet.measure import saved_tensors
+from odenet.measure import host_reads, saved_tensors
 
 from conftest import CountingF
 
@@ -133,3 +133,45 @@ def test_solution_records_steps():
     for a, b in zip(accepted, accepted[1:]):  # accepted steps tile [0, 3]
         assert b.t == pytest.approx(a.t + a.h, abs=1e-12)
     assert accepted[0].t == 0.0 and accepted[-1].t + accepted[-1].h == pytest.approx(3.0)
+
+
+def test_host_reads_counts_each_kind_of_read():
+    x = torch.arange(4.0)
+    with host_reads() as reads:
+        float(x.sum()), bool(x[0] == 0), int(x[1]), x[2].item(), x.tolist(), x.nonzero(), x.numpy()
+        x.to(torch.float64), x.cpu(), x + 1  # no reads: a dtype change, CPU to CPU, arithmetic
+    assert reads.by_kind == {"__float__": 1, "__bool__": 1, "__int__": 1, "item": 1, "tolist": 1, "nonzero": 1,
+                             "numpy": 1}
+    assert reads.count == 7
+
+
+def test_host_reads_sees_backward_and_nests():
+    class ReadInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            float(g.sum())
+            return g * 2
+
+    x = torch.ones(3, requires_grad=True)
+    with host_reads() as outer:
+        y = ReadInBackward.apply(x).sum()
+        with host_reads() as inner:
+            y.backward()
+        x.tolist()
+    assert (inner.count, outer.count) == (1, 2)
+
+
+def test_host_reads_restores_tensor_methods():
+    before = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "to", "__float__")}
+    with pytest.raises(RuntimeError, match="boom"):
+        with host_reads():
+            raise RuntimeError("boom")
+    assert {name: getattr(torch.Tensor, name) for name in before} == before
+    with host_reads() as reads:
+        pass
+    torch.ones(1).item()
+    assert reads.count == 0
