@@ -14,7 +14,8 @@ Modes (``--modes``):
   ``time / (NFE x time of one f call)`` (1.0: the solver costs nothing beyond f) and
   the time ratio to each peer.
 - ``train-direct``, ``train-adjoint``, ``train-checkpoint``: one training step (solve,
-  ``loss = y(t1).square().mean()``, ``loss.backward()``) with that gradient method.
+  ``loss = y(t1).square().mean()``, times ``--loss-scale``, ``loss.backward()``) with that
+  gradient method.
   Peers without checkpointing run their backprop-through-the-solver instead. Also
   reports the activation bytes saved for backward during the forward solve and, on
   CUDA, peak allocated memory. The overhead of a training step is its time over the
@@ -182,6 +183,7 @@ class Config:
     seed: int  # weights and initial state
     compile: bool  # torch.compile the f module (all libraries get the compiled f)
     malloc_keep: bool  # glibc mallopt: keep freed memory (see --malloc-keep)
+    loss_scale: float  # the training loss is loss_scale * y(T).square().mean()
     out: Optional[str]  # output prefix (.json, .md); None: do not write
     quick: bool  # smoke configuration
 
@@ -224,6 +226,7 @@ class Problem:
     t_f: float = float("nan")  # median time of one f call, no grad (s)
     t_fb: float = float("nan")  # median time of one f call with autograd + its VJP (s)
     probe: Optional["FProbe"] = None  # times f alone (see FProbe)
+    loss_scale: float = 1.0  # the training loss is loss_scale * y(T).square().mean()
 
     @property
     def params(self) -> List[Tensor]:
@@ -231,6 +234,11 @@ class Problem:
 
     def train_y0(self) -> Tensor:
         return self.y0.detach().clone().requires_grad_(True)
+
+    def loss(self, y: Tensor) -> Tensor:
+        """The training loss of the final state: `y.square().mean()`, times `loss_scale`."""
+        loss = y.square().mean()
+        return loss if self.loss_scale == 1.0 else loss * self.loss_scale
 
 
 def make_problem(size: Size, cfg: Config) -> Problem:
@@ -245,7 +253,7 @@ def make_problem(size: Size, cfg: Config) -> Problem:
     y0 = torch.randn(size.shape, generator=gen, dtype=dtype).to(device)
     f = torch.compile(module) if cfg.compile else module
     ts = [0.0, float(cfg.t_end)]
-    return Problem(size, module, f, y0, ts, torch.tensor(ts, dtype=dtype, device=device))
+    return Problem(size, module, f, y0, ts, torch.tensor(ts, dtype=dtype, device=device), loss_scale=cfg.loss_scale)
 
 
 def _sync(device) -> None:
@@ -666,7 +674,7 @@ def make_unit(solve: SolveFn, prob: Problem, train: bool) -> Callable[[], Any]:
         _zero_grads(params)
         y0t.grad = None
         y, _ = solve(y0t)
-        y.square().mean().backward()
+        prob.loss(y).backward()
         return y
 
     return unit
@@ -783,7 +791,7 @@ def instrumented_run(case: Case, prob: Problem, cfg: Config) -> Dict[str, Any]:
     with counting() as reads:
         with measure.saved_tensors(exclude=params) as saved:
             y, counts = solve(y0t)
-        y.square().mean().backward()  # outside the saved-tensor count: an adjoint's backward saves too
+        prob.loss(y).backward()  # outside the saved-tensor count: an adjoint's backward saves too
     _sync(cfg.device)
     out["host_reads"] = reads.count if reads is not None else None
     out["saved_bytes"] = saved.bytes
@@ -943,7 +951,7 @@ def _reads_slope(case: Case, prob: Problem, cfg: Config) -> Optional[float]:
         with torch.set_grad_enabled(case.train), measure.host_reads() as reads:
             y, counts = solve(y0)
             if case.train:
-                y.square().mean().backward()
+                p.loss(y).backward()
         _zero_grads(prob.params)
         c = counts()
         points.append((reads.count, (c.n_accepted or 0) + (c.n_rejected or 0)))
@@ -1168,7 +1176,8 @@ def render_markdown(result: Dict[str, Any]) -> str:
         f"- versions: torch {env['torch']}, odenet {env['odenet']}, torchdiffeq {env['torchdiffeq']}, torchode {env['torchode']}",
         f"- tolerance rtol={result['config']['rtol']}, atol={result['config']['atol']}, t in [0, {result['config']['t_end']}], "
         f"dtype {result['config']['dtype']}, repeats {result['config']['repeats']} (median), compile={result['config']['compile']}, "
-        f"malloc-keep={result['config']['malloc_keep']}" + (f", env {env['malloc_env']}" if env.get("malloc_env") else ""),
+        f"malloc-keep={result['config']['malloc_keep']}" + (f", env {env['malloc_env']}" if env.get("malloc_env") else "")
+        + (f", loss scale {result['config']['loss_scale']:g}" if result["config"].get("loss_scale", 1.0) != 1.0 else ""),
         "",
         "Overhead = median time / floor; forward floor = NFE x t_f, training floor = evals without graph x t_f "
         "+ evals backpropagated x t_fb. `xLIB` = this row's time / LIB's time in the same group (< 1: faster). "
@@ -1364,6 +1373,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="glibc only: mallopt(M_TRIM_THRESHOLD, M_MMAP_THRESHOLD) so freed memory is kept and reused; "
                    "without it, large states can page-fault on every allocation (erratic timings at the large sizes). "
                    "Applies to all libraries alike; recorded in the output")
+    p.add_argument("--loss-scale", type=float, default=1.0,
+                   help="multiply the training loss y(T).square().mean() by this factor (how large the gradients are "
+                   "against atol decides whether the seminorm saves backward steps; see docs/benchmarks.md)")
     p.add_argument("--compile", action="store_true", help="run every library on torch.compile(f) (same compiled module for all)")
     p.add_argument("--out", default=None,
                    help="output prefix: writes OUT.json and OUT.md (default: benchmarks/results/bench_solvers)")
@@ -1404,6 +1416,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[Config, List[str]]
     if a.memory_solver not in FIXED:
         p.error(f"--memory-solver takes a fixed-step solver ({', '.join(FIXED)}), got {a.memory_solver!r}")
     repeats = a.repeats if a.repeats is not None else (2 if q else 7)
+    if not (math.isfinite(a.loss_scale) and a.loss_scale > 0):
+        p.error(f"--loss-scale must be a positive finite number, got {a.loss_scale}")
     if repeats < 1 or a.warmup < 0 or a.threads < 1:
         p.error("--repeats and --threads must be >= 1, --warmup >= 0")
     dev = torch.device(a.device)
@@ -1420,7 +1434,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[Config, List[str]]
         memory_solver=a.memory_solver,
         seminorm_t_ends=[float(x) for x in split(a.seminorm_t_ends)] if a.seminorm_t_ends
         else ([a.t_end] if q else [a.t_end, 10 * a.t_end]), f_time_s=a.f_time if a.f_time is not None else (0.05 if q else 1.0),
-        seed=a.seed, compile=a.compile, malloc_keep=a.malloc_keep, out=None if a.no_write else (a.out or str(DEFAULT_OUT)), quick=q,
+        seed=a.seed, compile=a.compile, malloc_keep=a.malloc_keep, loss_scale=a.loss_scale, out=None if a.no_write else (a.out or str(DEFAULT_OUT)), quick=q,
     )
     return cfg, list(argv if argv is not None else sys.argv[1:])
 

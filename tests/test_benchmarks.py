@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_solvers.py"
 
@@ -168,7 +169,8 @@ def test_every_flag_has_help(bench, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--sizes", "huge"], ["--modes", "forward,bogus"], ["--solvers", "euler"],
-                                  ["--repeats", "0"], ["--libraries", "torchdiffeq"]])
+                                  ["--repeats", "0"], ["--libraries", "torchdiffeq"], ["--loss-scale", "0"],
+                                  ["--loss-scale", "nan"]])
 def test_bad_arguments_are_rejected(bench, argv):
     with pytest.raises((SystemExit, ValueError)):
         bench.parse_args(argv + ["--no-write"])
@@ -197,3 +199,16 @@ def test_loop_overhead_runs(solver, capsys):
     assert text.count("| forward |") == 1 and text.count("| train |") == 1
     with pytest.raises(SystemExit):
         mod.main(["--shape", "4by3"])
+
+
+def test_loss_scale_multiplies_the_training_gradients(bench):
+    """`--loss-scale` scales the loss, so every gradient of a training step scales with it
+    (backprop through the solver: the adjoint's steps could change with the gradients' size)."""
+    grads = []
+    for scale in ("1", "100"):
+        cfg, _ = bench.parse_args(["--quick", "--no-write", "--loss-scale", scale])
+        prob = bench.make_problem(bench.parse_size("tiny"), cfg)
+        solve = bench.build_odenet(prob, "dopri5", "direct", None, cfg)
+        bench.make_unit(solve, prob, train=True)()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in prob.params]))
+    torch.testing.assert_close(grads[1], 100 * grads[0], rtol=1e-4, atol=1e-7)
