@@ -1384,6 +1384,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _out_paths(out: str) -> Tuple[Path, Path]:
+    """`OUT.json` and `OUT.md` for the prefix `OUT` (dots in it are kept: `loss0.01` stays whole;
+    a trailing `.json` or `.md` is dropped)."""
+    for ext in (".json", ".md"):
+        if out.endswith(ext):
+            out = out[: -len(ext)]
+    return Path(out + ".json"), Path(out + ".md")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[Config, List[str]]:
     """Parse the command line into a :class:`Config` (and the argv it came from)."""
     p = build_parser()
@@ -1502,16 +1511,16 @@ def run(cfg: Config, argv: Sequence[str] = (), verbose: bool = True) -> Dict[str
         result = dict(environment=env, config=cfg_dict, sizes=sizes_info, results=rows, summary=summarize(rows, cfg))
         md = render_markdown(result)
         if cfg.out:
-            out = Path(cfg.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=_json_default))
-            out.with_suffix(".md").write_text(md)
-            result["files"] = [str(out.with_suffix(".json")), str(out.with_suffix(".md"))]
+            json_path, md_path = _out_paths(cfg.out)
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(result, indent=1, default=_json_default))
+            md_path.write_text(md)
+            result["files"] = [str(json_path), str(md_path)]
         if verbose:
             print()
             print(md)
             if cfg.out:
-                print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+                print(f"wrote {json_path} and {md_path}")
         return result
     finally:
         torch.set_num_threads(old_threads)

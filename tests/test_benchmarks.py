@@ -212,3 +212,8 @@ def test_loss_scale_multiplies_the_training_gradients(bench):
         bench.make_unit(solve, prob, train=True)()
         grads.append(torch.cat([p.grad.reshape(-1) for p in prob.params]))
     torch.testing.assert_close(grads[1], 100 * grads[0], rtol=1e-4, atol=1e-7)
+
+
+def test_output_prefix_keeps_its_dots(bench):
+    assert bench._out_paths("results/run_loss0.01") == (Path("results/run_loss0.01.json"), Path("results/run_loss0.01.md"))
+    assert bench._out_paths("results/run.json") == (Path("results/run.json"), Path("results/run.md"))
