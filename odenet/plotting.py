@@ -76,7 +76,17 @@ def _style(ax) -> None:
 
 def _numpy(x) -> np.ndarray:
     if isinstance(x, Tensor):
-        return x.detach().cpu().double().numpy()
+        x = x.detach().cpu().double()
+        try:
+            return x.numpy()
+        except RuntimeError as err:
+            if "Numpy is not available" not in str(err):
+                raise
+            # torch 2.2 was built against NumPy 1.x and cannot convert under NumPy 2.
+            raise RuntimeError(
+                f"torch {torch.__version__} cannot hand tensors to NumPy {np.__version__} ({err}). Install a "
+                "matching pair: pip install 'numpy<2' for torch 2.2, or torch>=2.3 with NumPy 2."
+            ) from err
     return np.asarray(x, dtype=float)
 
 

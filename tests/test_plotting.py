@@ -207,3 +207,15 @@ def test_plotting_never_touches_pyplot(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(png)], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert_not_blank(mpimg.imread(png))
+
+
+def test_numpy_mismatch_names_the_fix(monkeypatch, f2, data2):
+    """torch 2.2 under NumPy 2 cannot convert tensors ("Numpy is not available"): say which pair to install."""
+    x, y = data2
+
+    def unavailable(self):
+        raise RuntimeError("Numpy is not available")
+
+    monkeypatch.setattr(torch.Tensor, "numpy", unavailable)
+    with pytest.raises(RuntimeError, match="numpy<2"):
+        plotting.plot_trajectories(odenet.ODEBlock(f2, solver="rk4", steps=2), x, labels=y)
