@@ -775,8 +775,8 @@ def instrumented_run(case: Case, prob: Problem, cfg: Config) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     solve = case.instrumented
     params = prob.params
-    # Host reads of the whole run, backward included (not under torch.compile: Dynamo would
-    # trace the wrapped tensor methods).
+    # Host reads of the whole run, backward included; not with --compile, like the per-step
+    # slopes (`_reads_slope`): the counts were checked with eager `f` only.
     counting = measure.host_reads if not cfg.compile else contextlib.nullcontext
     if not case.train:
         with torch.no_grad(), counting() as reads:

@@ -9,6 +9,7 @@ backprop's O(steps).
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -145,15 +146,26 @@ _READS = ("__bool__", "__float__", "__int__", "__index__", "__complex__", "item"
 _COPIES = ("to", "cpu")
 _counting: List[HostReads] = []  # the open blocks, innermost last
 _originals: Dict[str, object] = {}  # what `torch.Tensor` itself defined under each name, if anything
+_lock = threading.Lock()  # guards the two above and the counts
+_inside = threading.local()  # `depth`: wrapped calls under way in this thread
 
 
 def _counted(name: str, method: Callable, copy: bool) -> Callable:
     def wrapper(self, *args, **kwargs):
-        out = method(self, *args, **kwargs)
-        if not copy or (self.device.type != "cpu" and isinstance(out, Tensor) and out.device.type == "cpu"):
-            for tally in _counting:
-                tally.count += 1
-                tally.by_kind[name] = tally.by_kind.get(name, 0) + 1
+        # Only the outermost call counts: under a TorchFunctionMode (`with torch.device(...)`,
+        # `torch.set_default_device`) or a tensor subclass, torch dispatches the same read to the
+        # wrapped method once more.
+        depth = getattr(_inside, "depth", 0)
+        _inside.depth = depth + 1
+        try:
+            out = method(self, *args, **kwargs)
+        finally:
+            _inside.depth = depth
+        if depth == 0 and (not copy or (self.device.type != "cpu" and isinstance(out, Tensor) and out.device.type == "cpu")):
+            with _lock:
+                for tally in _counting:
+                    tally.count += 1
+                    tally.by_kind[name] = tally.by_kind.get(name, 0) + 1
         return out
 
     wrapper.__name__ = wrapper.__qualname__ = name
@@ -161,19 +173,39 @@ def _counted(name: str, method: Callable, copy: bool) -> Callable:
     return wrapper
 
 
+def _unwrap() -> None:
+    for name, original in _originals.items():
+        if original is None:
+            delattr(torch.Tensor, name)  # inherited from torch's C base class
+        else:
+            setattr(torch.Tensor, name, original)
+    _originals.clear()
+
+
+def _wrap() -> None:
+    try:
+        for name in (n for n in _READS + _COPIES if hasattr(torch.Tensor, n)):
+            _originals[name] = torch.Tensor.__dict__.get(name)
+            setattr(torch.Tensor, name, _counted(name, getattr(torch.Tensor, name), name in _COPIES))
+    except BaseException:
+        _unwrap()
+        raise
+
+
 @contextmanager
 def host_reads() -> Iterator[HostReads]:
     """Count the reads of tensor values into Python inside the `with` block: `float()`,
-    `bool()`, `int()`, `.item()`, `.tolist()`, `.nonzero()`, `.numpy()`, and copies to the CPU
-    (`.cpu()`, `.to("cpu")`) from another device. On a GPU each is a host-device
-    synchronisation, so the count per solver step says whether a loop waits for the GPU.
+    `bool()`, `int()`, `complex()`, `.item()`, `.tolist()`, `.nonzero()`, `.numpy()`, and
+    copies to the CPU (`.cpu()`, `.to("cpu")`) from another device. On a GPU each is a
+    host-device synchronisation, so the count per solver step says whether a loop waits for
+    the GPU.
 
     The reading methods of `torch.Tensor` are wrapped while the block runs, so reads made in
     autograd's backward count too (a `TorchFunctionMode` is switched off inside
     `Tensor.backward`). Reads inside PyTorch's C++ code (boolean-mask indexing, say) are not
     seen; on CUDA, `torch.cuda.set_sync_debug_mode("warn")` reports those too. Blocks may nest;
-    each counts what runs inside it. Not thread-safe with respect to other threads entering or
-    leaving a block.
+    each counts what runs inside it. Reads in every thread count (CUDA's backward runs on
+    autograd's own threads), so keep other threads quiet while measuring.
 
     **Returns:** a context manager that yields a `HostReads`, filled in as the block runs.
 
@@ -191,22 +223,17 @@ def host_reads() -> Iterator[HostReads]:
     ```
     """
     tally = HostReads()
-    if not _counting:
-        for name in (n for n in _READS + _COPIES if hasattr(torch.Tensor, n)):
-            _originals[name] = torch.Tensor.__dict__.get(name)
-            setattr(torch.Tensor, name, _counted(name, getattr(torch.Tensor, name), name in _COPIES))
-    _counting.append(tally)
+    with _lock:
+        if not _counting:
+            _wrap()
+        _counting.append(tally)
     try:
         yield tally
     finally:
-        del _counting[next(i for i, t in enumerate(_counting) if t is tally)]
-        if not _counting:
-            for name, original in _originals.items():
-                if original is None:
-                    delattr(torch.Tensor, name)  # inherited from torch's C base class
-                else:
-                    setattr(torch.Tensor, name, original)
-            _originals.clear()
+        with _lock:
+            del _counting[next(i for i, t in enumerate(_counting) if t is tally)]
+            if not _counting:
+                _unwrap()
 
 
 def synchronize(device) -> None:

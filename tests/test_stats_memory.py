@@ -145,6 +145,16 @@ def test_host_reads_counts_each_kind_of_read():
     assert reads.count == 7
 
 
+def test_host_reads_counts_once_under_a_torch_function_mode():
+    """`with torch.device(...)` (like `torch.set_default_device`) dispatches each read to the
+    wrapped method a second time; it still counts once."""
+    x = torch.arange(3.0)
+    with torch.device("cpu"), host_reads() as reads:
+        x.sum().item(), float(x[0]), x.tolist()
+        odenet.odeint(lambda t, y: -y, x, [0.0, 1.0], solver="rk4", steps=4)
+    assert reads.by_kind == {"item": 1, "__float__": 2, "tolist": 2}  # the solve: its times, its finiteness check
+
+
 def test_host_reads_sees_backward_and_nests():
     class ReadInBackward(torch.autograd.Function):
         @staticmethod
