@@ -176,7 +176,8 @@ def _counted(name: str, method: Callable, copy: bool) -> Callable:
 def _unwrap() -> None:
     for name, original in _originals.items():
         if original is None:
-            delattr(torch.Tensor, name)  # inherited from torch's C base class
+            if name in torch.Tensor.__dict__:  # (an interrupted `_wrap` may not have set it)
+                delattr(torch.Tensor, name)  # inherited from torch's C base class
         else:
             setattr(torch.Tensor, name, original)
     _originals.clear()
