@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import odenet
-from odenet.solvers import SOLVERS, SolveStats, integrate
 from odenet.measure import host_reads
+from odenet.solvers import SOLVERS, SolveStats, integrate
 from odenet.solvers.integrate import CountedFunc
 
 integrate_module = sys.modules["odenet.solvers.integrate"]  # the name `integrate` is the function
