@@ -5,12 +5,13 @@ import torch
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 A_SPIRAL = [[-0.1, 2.0], [-2.0, -0.1]]
+A_LINEAR = [[-0.5, 2.0, 0.0], [-2.0, -0.1, 0.3], [0.1, 0.0, -0.3]]  # the matrix of `linear_problem`
 
 
 @pytest.fixture
 def linear_problem():
     """dy/dt = A y in float64 with its exact solution via matrix_exp."""
-    A = torch.tensor([[-0.5, 2.0, 0.0], [-2.0, -0.1, 0.3], [0.1, 0.0, -0.3]], dtype=torch.float64)
+    A = torch.tensor(A_LINEAR, dtype=torch.float64)
     y0 = torch.tensor([[1.0, 0.5, -0.3], [0.2, -1.0, 0.7]], dtype=torch.float64)  # batch of 2
 
     def f(t, y):

@@ -19,6 +19,8 @@ import torch
 import odenet
 from odenet.solvers import SOLVERS, SolveStats, integrate
 
+from conftest import A_LINEAR
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 CUDA = "cuda"
@@ -141,7 +143,7 @@ def test_ode_block_forward_replays_in_a_cuda_graph():
 
 
 def _linear(device):
-    A = torch.tensor([[-0.5, 2.0, 0.0], [-2.0, -0.1, 0.3], [0.1, 0.0, -0.3]], dtype=torch.float64, device=device)
+    A = torch.tensor(A_LINEAR, dtype=torch.float64, device=device)
     return lambda t, y: y @ A.T
 
 
