@@ -275,6 +275,28 @@ def test_cached_stage_times_survive_f_changing_t_in_place():
     assert torch.equal(again, clean)
 
 
+def test_cached_stage_times_survive_f_setting_requires_grad():
+    """A time tensor on which f sets `requires_grad` is made again for the next solve on the
+    grid: a later solve gets times that do not require grad, so its output builds no graph."""
+
+    def wants_dt(t, y):
+        t.requires_grad_()
+        return -t * y
+
+    seen = []
+
+    def plain(t, y):
+        seen.append(t.requires_grad)
+        return -t * y
+
+    y0 = torch.ones(2, dtype=torch.float64)
+    first = odenet.odeint(wants_dt, y0, [0.0, 0.9], solver="rk4", steps=3).ys[-1]
+    assert first.requires_grad  # the solve that asked for it does differentiate through t
+    later = odenet.odeint(plain, y0, [0.0, 0.9], solver="rk4", steps=3).ys[-1]
+    assert len(seen) == 12 and not any(seen)
+    assert not later.requires_grad and torch.equal(later, first.detach())
+
+
 def test_stage_times_on_cpu_under_another_default_device():
     """The cached CPU times ignore a default-device context (a later plain solve still works)."""
     t = torch.tensor([0.0, 0.8])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import sys
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -275,9 +276,10 @@ class _GridPlan(NamedTuple):
 
 
 class _StageTimes(NamedTuple):
-    """A grid's stage times as 0-dim CPU tensors: views of `base`, grouped per step."""
+    """A grid's stage times as 0-dim CPU tensors: views of `base`, flat and grouped per step."""
 
     base: Tensor
+    flat: Tuple[Tensor, ...]
     steps: Tuple[Tuple[Tensor, ...], ...]
 
 
@@ -299,10 +301,11 @@ def _make_cpu_times(plan: _GridPlan, s: int, dtype: torch.dtype) -> _StageTimes:
     with torch.inference_mode(False):
         base = torch.tensor([x for step in plan.times for x in step], dtype=dtype, device="cpu")
     flat = base.unbind(0)
-    return _StageTimes(base, tuple(flat[i * s:(i + 1) * s] for i in range(len(plan.times))))
+    return _StageTimes(base, flat, tuple(flat[i * s:(i + 1) * s] for i in range(len(plan.times))))
 
 
 _cached_plan = functools.lru_cache(maxsize=64)(_make_plan)
+_requires_grad = operator.attrgetter("requires_grad")
 
 
 @functools.lru_cache(maxsize=64)
@@ -314,11 +317,12 @@ def _cpu_stage_times(plan: _GridPlan, grid: Tuple[float, ...], c: Tuple[float, .
                      cache: bool) -> Tuple[Tuple[Tensor, ...], ...]:
     """The stage times of `plan` as 0-dim CPU tensors of `dtype`, per step: views of one tensor,
     rather than one tensor per call of `f`. With `cache`, kept per grid like the plan, and made
-    again if `f` changed one in place (its version counter moved)."""
+    again if `f` changed one in place: its value (the version counter moved) or its
+    `requires_grad` flag, which would otherwise carry into every later solve on the grid."""
     if not cache:
         return _make_cpu_times(plan, len(c), dtype).steps
     entry = _cached_cpu_times(grid, c, dtype)
-    if entry.base._version:
+    if entry.base._version or any(map(_requires_grad, entry.flat)):
         _cached_cpu_times.cache_clear()
         entry = _cached_cpu_times(grid, c, dtype)
     return entry.steps
