@@ -129,6 +129,22 @@ def test_step_size_underflow():
     assert info.value.solution.ys.shape == (2, 1)
 
 
+@pytest.mark.parametrize("min_step", [1e-3, None])
+def test_step_size_underflow_while_steps_are_accepted(min_step):
+    """At the default tolerances in float64 the blow-up of y' = y^2 is approached by accepted
+    steps only (no rejection), each a little smaller than the last. The solve must stop once
+    the next step is below min_step, or cannot move t, rather than go on accepting steps that
+    leave t where it is (it used to: 20456 evaluations, then NONFINITE)."""
+    sol = odenet.odeint(lambda t, y: y**2, torch.ones(1, dtype=torch.float64), [0.0, 2.0], min_step=min_step, throw=False)
+    assert sol.status is odenet.Status.STEP_UNDERFLOW
+    accepted = [s for s in sol.steps if s.accepted]
+    assert all(s.t + s.h != s.t for s in accepted)
+    if min_step is not None:
+        assert all(abs(s.h) >= min_step for s in accepted)
+        assert f"min_step={min_step:g}" in sol.message
+    assert sol.stats.nfe_forward < 3000 and abs(sol.steps[-1].t - 1.0) < 0.05  # it stopped near the blow-up
+
+
 def test_nonfinite_initial_state():
     with pytest.raises(odenet.SolverError, match="non-finite") as info:
         odenet.odeint(f_ok, torch.tensor([1.0, float("nan")]), [0.0, 1.0])

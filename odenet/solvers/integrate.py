@@ -464,8 +464,10 @@ def _adaptive_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats
             stats.n_rejected += 1
 
         h = h * factor
-        # Only a rejection can shrink the step below what is usable: fail rather than spin.
-        if not accepted and (abs(h) < (min_step or 0.0) or t + h == t):
+        # Fail rather than spin once the next step is below `min_step` or too small to move `t`:
+        # after a rejection, or after an accepted step (the controller's safety factor shrinks
+        # the step on acceptance too, and near a blow-up it keeps accepting ever smaller steps).
+        if nxt < n_out and (abs(h) < (min_step or 0.0) or t + h == t):
             status = Status.STEP_UNDERFLOW if math.isfinite(ratio) else Status.NONFINITE
     return outputs, status, t, h, records, log
 
