@@ -257,8 +257,9 @@ def swap_blocks(model: nn.Module, solver: Union[str, ExplicitRK] = "dopri5", **k
     Each block keeps its interval (`ResBlock(f, h, t)` covers `[t, t + h]`). With
     `solver="euler", steps=1` (and nothing else) blocks become `ResBlock`s; anything else gives
     `ODEBlock(f, solver, t0, t1, **kwargs)`. The same `f` module (same parameters) is used, so
-    the model trains and evaluates under either form. The model is modified in place and
-    returned; if `model` itself is a block, the new block is returned.
+    the model trains and evaluates under either form. Each new block keeps the training/eval
+    mode of the block it replaces. The model is modified in place and returned; if `model`
+    itself is a block, the new block is returned.
 
     **Arguments:**
 
@@ -286,8 +287,12 @@ def swap_blocks(model: nn.Module, solver: Union[str, ExplicitRK] = "dopri5", **k
     def convert(block: nn.Module) -> nn.Module:
         t0, t1 = _interval(block)
         if to_res:
-            return ResBlock(block.f, h=t1 - t0, t=t0)
-        return ODEBlock(block.f, solver, t0=t0, t1=t1, **kwargs)
+            new = ResBlock(block.f, h=t1 - t0, t=t0)
+        else:
+            new = ODEBlock(block.f, solver, t0=t0, t1=t1, **kwargs)
+        # A new module starts in training mode; keep the replaced block's mode (a model in
+        # eval() stays in eval, and a regularised block does not start regularising).
+        return new.train(block.training)
 
     if isinstance(model, (ResBlock, ODEBlock)):
         return convert(model)

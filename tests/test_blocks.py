@@ -60,6 +60,21 @@ def test_swap_blocks_roundtrip():
     assert isinstance(model[1], odenet.ODEBlock) and model[1].options.steps == 4
 
 
+def test_swap_blocks_keeps_training_mode():
+    """A model in eval() stays in eval after a swap (both ways); in training mode, training."""
+    model = nn.Sequential(nn.Linear(4, 4).double(), odenet.ResBlock(_f(), h=0.5), odenet.ResBlock(_f(), h=0.5, t=0.5))
+    model.eval()
+    model = odenet.swap_blocks(model, solver="dopri5", regularization=odenet.RNODE(kinetic=1.0))
+    assert not any(m.training for m in model.modules())
+    model(torch.randn(3, 4, dtype=torch.float64))
+    assert model[1].last_regularization is None  # eval: the plain ODE, no regulariser
+    model = odenet.swap_blocks(model, solver="euler", steps=1)
+    assert not any(m.training for m in model.modules())
+    model.train()
+    model = odenet.swap_blocks(model, solver="rk4", steps=2)
+    assert all(m.training for m in model.modules())
+
+
 def test_swap_blocks_single_block_and_validation():
     block = odenet.ResBlock(_f(), h=1.0)
     ode = odenet.swap_blocks(block, solver="rk4", steps=3)
