@@ -364,3 +364,19 @@ def test_step_size_option_grid():
     assert sol.stats.n_accepted == 6
     sol = odenet.odeint(lambda t, y: -y, torch.ones(1), [0.0, 1.0], solver="euler", step_size=0.3)
     assert sol.stats.n_accepted == 4
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(solver="euler", steps=3), dict(solver="rk4", steps=2), dict(solver="dopri5"), dict(solver="dopri5", first_step=0.1)],
+)
+@pytest.mark.parametrize("gradient", ["direct", "adjoint", "checkpoint"])
+def test_empty_batch(settings, gradient):
+    """A batch of size 0 goes through every solver and gradient method (the end-of-solve
+    finiteness check used to fail on an empty state with fixed steps or a given first step)."""
+    block = odenet.ODEBlock(odenet.MLPDynamics(dim=2, hidden=8), gradient=gradient, **settings)
+    x = torch.randn(0, 2, requires_grad=True)
+    y = block(x)
+    y.sum().backward()
+    assert y.shape == (0, 2) and block.last_stats.n_rejected == 0
+    assert x.grad is not None and x.grad.shape == (0, 2)

@@ -263,7 +263,10 @@ def _emit(solver: ExplicitRK, outputs: list, ts: Sequence[float], nxt: int, dire
 
 
 def _is_finite(y: Tensor) -> bool:
-    """One host read: the largest magnitude is finite (max propagates NaN)."""
+    """One host read: the largest magnitude is finite (max propagates NaN). An empty state
+    (a batch of size 0) is finite, and costs no read."""
+    if y.numel() == 0:
+        return True
     return math.isfinite(float(torch.linalg.vector_norm(y.detach(), ord=math.inf)))
 
 
