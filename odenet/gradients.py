@@ -16,6 +16,13 @@
 Gradients with respect to the output times are attached by
 :func:`attach_time_gradients` for all three (the solution's derivative with
 respect to ``t_i`` is ``f(t_i, y_i)``).
+
+The adjoint's and checkpoint's backward passes, and the time gradients, are
+first order: differentiating their results again raises (``_first_order_only``)
+instead of silently giving zero. The adjoint and checkpoint differentiate the
+state and ``params`` only; by default (``params`` the parameters of ``f``) their
+backward raises if ``f`` uses another tensor that requires grad
+(``_untracked_input``), which would otherwise get no gradient.
 """
 
 from __future__ import annotations
@@ -38,13 +45,91 @@ GRADIENTS = ("direct", "adjoint", "checkpoint")
 class _Box:
     """Non-tensor arguments handed through an autograd.Function (and its result back)."""
 
-    def __init__(self, fc: CountedFunc, ts: List[float], solver: ExplicitRK, loop_kw: dict, adjoint: dict):
+    def __init__(self, fc: CountedFunc, ts: List[float], solver: ExplicitRK, loop_kw: dict, adjoint: dict,
+                 params: Optional[Tuple[Tensor, ...]]):
         self.fc = fc
+        # With `params`, backward looks for tensors f uses other than the state and these (once).
+        # The objects themselves: what ctx.saved_tensors unpacks need not be them under
+        # saved-tensor hooks, and the graph's leaves are matched by identity.
+        self.params = params
         self.ts = ts
         self.solver = solver
         self.loop_kw = loop_kw
         self.adjoint = adjoint
         self.result: Optional[LoopResult] = None
+
+
+_SECOND_ORDER = (
+    b"odenet: gradient='adjoint' and gradient='checkpoint' give first-order gradients only, and this "
+    b"differentiates one of their gradients again (create_graph=True: a gradient penalty, a "
+    b"Hessian-vector product, a time gradient of a time gradient). Use gradient='direct' for "
+    b"higher-order gradients."
+)
+
+
+def _first_order_only(grads: tuple) -> tuple:
+    """Make differentiating `grads` again an error, when `backward` runs with `create_graph=True`.
+
+    The backward passes below compute their results outside the graph being built (the
+    adjoint's backward solve, the checkpoint's recomputed steps, the time gradients), so a
+    second derivative through them would silently be zero or partial. As with
+    `torch.autograd.function.once_differentiable`, each result is passed through a node that
+    raises, here with a message naming the fix.
+    """
+    if not torch.is_grad_enabled():  # the usual backward: nothing to mark
+        return grads
+    idx = [i for i, x in enumerate(grads) if isinstance(x, Tensor)]
+    if not idx:
+        return grads
+    marked = torch._C._functions.DelayedError(_SECOND_ORDER, len(idx))(*(grads[i].detach().requires_grad_() for i in idx))
+    if isinstance(marked, Tensor):
+        marked = (marked,)
+    out = list(grads)
+    for i, x in zip(idx, marked):
+        out[i] = x
+    return tuple(out)
+
+
+def _untracked_input(out: Tensor, inputs: Sequence[Tensor], limit: int = 10_000) -> Optional[Tensor]:
+    """A leaf tensor requiring grad that `out`'s graph reaches other than through `inputs`.
+
+    The adjoint and checkpoint methods return gradients for their inputs only (the state and
+    the parameters of `f`); anything else `f` uses that requires grad, such as a context
+    computed outside `f` and stored on it, would silently get none. A breadth-first walk of
+    the graph of one evaluation of `f`, stopping at `inputs` (and after `limit` nodes).
+    """
+    if out.grad_fn is None:
+        return None
+    leaves = {id(x) for x in inputs if x.grad_fn is None}
+    stops = {id(x.grad_fn) for x in inputs if x.grad_fn is not None}
+    seen = {id(out.grad_fn)}
+    queue = [out.grad_fn]
+    while queue and len(seen) < limit:
+        node = queue.pop(0)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf that requires grad
+        if variable is not None:
+            if id(variable) not in leaves:
+                return variable
+            continue
+        for nxt, _ in node.next_functions:
+            if nxt is not None and id(nxt) not in seen and id(nxt) not in stops:
+                seen.add(id(nxt))
+                queue.append(nxt)
+    return None
+
+
+def _check_tracked(out: Tensor, inputs: Sequence[Tensor], method: str) -> None:
+    found = _untracked_input(out, inputs)
+    if found is not None:
+        raise RuntimeError(
+            f"odenet: f's result depends on a tensor that requires grad but is neither the state nor a "
+            f"parameter of f (a leaf of shape {list(found.shape)} in its graph), and gradient={method!r} "
+            "cannot give it a gradient: typically a context computed outside f and stored on it, or a "
+            "tensor f closes over. Use "
+            "gradient='direct'; or make it part of the state (concatenate it to y0, with f returning "
+            "zeros for it); or, with odenet.odeint, pass "
+            "adjoint_params=(it, *f.parameters()); or .detach() it if it should get no gradient."
+        )
 
 
 # ---------------------------------------------------------------------------- adjoint
@@ -86,12 +171,17 @@ class _AdjointFn(torch.autograd.Function):
         n_p = sum(sizes)
         dtype = ys.dtype
 
+        unchecked = [box.params is not None]
+
         def f_aug(t: float, z: Tensor) -> Tensor:
             y = z[:n].view(shape)
             a = z[n : 2 * n].view(shape)
             with torch.enable_grad():
                 y = y.detach().requires_grad_(True)
                 fy = fc(t, y)
+                if unchecked[0]:
+                    _check_tracked(fy, (y, *box.params), "adjoint")
+                    unchecked[0] = False
                 if fy.requires_grad:
                     vjps = torch.autograd.grad(fy, (y, *params), -a, allow_unused=True)
                 else:
@@ -139,7 +229,7 @@ class _AdjointFn(torch.autograd.Function):
         for p, size in zip(params, sizes):
             grads_p.append(ap[offset : offset + size].view_as(p).to(p.dtype))
             offset += size
-        return (None, a, *grads_p)
+        return _first_order_only((None, a, *grads_p))
 
 
 # ---------------------------------------------------------------------------- checkpoint
@@ -167,11 +257,15 @@ class _CheckpointFn(torch.autograd.Function):
         records = box.result.records
         a = torch.zeros_like(g[0])
         grads_p: List[Optional[Tensor]] = [None] * len(params)
+        check = box.params is not None
         for rec, y_start in zip(reversed(records), reversed(states)):
             with torch.enable_grad():
                 yn = y_start.detach().requires_grad_(True)
                 dense = any(theta is not None for _, theta in rec.outputs)
                 step = solver.step(fc, rec.t, yn, rec.h, None, with_error=False, last_stage=dense)
+                if check:
+                    _check_tracked(step.ks[0], (yn, *box.params), "checkpoint")
+                    check = False
                 outs = [step.y1]
                 g_end = a
                 gouts = [None]
@@ -187,7 +281,7 @@ class _CheckpointFn(torch.autograd.Function):
             for j, gp in enumerate(grads[1:]):
                 if gp is not None:
                     grads_p[j] = gp if grads_p[j] is None else grads_p[j] + gp
-        return (None, a + g[0], *grads_p)
+        return _first_order_only((None, a + g[0], *grads_p))
 
 
 # ---------------------------------------------------------------------------- entry
@@ -202,18 +296,21 @@ def run_solve(
     loop_kw: dict,
     params: Sequence[Tensor] = (),
     adjoint: Optional[dict] = None,
+    check_inputs: bool = True,
 ) -> Tuple[Tensor, LoopResult]:
     """Solve with the chosen gradient method; returns the stacked outputs `[len(ts), *y0.shape]`
-    and the loop's result (status, final time and step)."""
+    and the loop's result (status, final time and step). With `check_inputs`, the adjoint's and
+    checkpoint's backward raise if `f` uses a tensor that requires grad other than the state
+    and `params` (it would get no gradient); off where the caller chose `params` itself."""
     if gradient == "direct":
         res = integrate(fc, y0, ts, solver, **loop_kw)
         return torch.stack(res.ys), res
     params = tuple(params)
     if gradient == "adjoint":
-        box = _Box(fc, ts, solver, loop_kw, adjoint)
+        box = _Box(fc, ts, solver, loop_kw, adjoint, params if check_inputs else None)
         ys = _AdjointFn.apply(box, y0, *params)
     elif gradient == "checkpoint":
-        box = _Box(fc, ts, solver, loop_kw, {})
+        box = _Box(fc, ts, solver, loop_kw, {}, params if check_inputs else None)
         ys = _CheckpointFn.apply(box, y0, *params)
     else:  # validated by the caller
         raise ValueError(f"Unknown gradient method {gradient!r}; choose one of {GRADIENTS}.")
@@ -239,7 +336,7 @@ class _StartTime(torch.autograd.Function):
         grad_t = torch.zeros(shape, dtype=dtype, device=device)
         with torch.no_grad():
             grad_t[0] = -(a * ctx.fc(ctx.t0, y0)).sum().to(dtype)
-        return a, grad_t, None, None
+        return (a, *_first_order_only((grad_t,)), None, None)  # `a` passes through: identity
 
 
 class _OutputTimes(torch.autograd.Function):
@@ -259,7 +356,7 @@ class _OutputTimes(torch.autograd.Function):
         with torch.no_grad():
             for i in range(1, len(ctx.ts)):
                 grad_t[i] = (g[i] * ctx.fc(ctx.ts[i], ys[i])).sum().to(dtype)
-        return g, grad_t, None, None
+        return (g, *_first_order_only((grad_t,)), None, None)  # `g` passes through: identity
 
 
 def attach_time_gradients(

@@ -325,7 +325,7 @@ def _solve_odenet(f, y0: Tensor, t_tensor: Tensor, ts: List[float], opts: SolveO
     )
 
     def solve(start: Tensor):
-        return run_solve(fc, start, ts, solver, opts.gradient, loop_kw, params, adjoint)
+        return run_solve(fc, start, ts, solver, opts.gradient, loop_kw, params, adjoint, adjoint_params is None)
 
     try:
         if t_tensor.requires_grad and torch.is_grad_enabled():
@@ -433,13 +433,16 @@ def odeint(
     - `controller`: an `odenet.solvers.PIController` (default PI controller).
     - `gradient`: `"direct"` (backprop through the solver), `"adjoint"` (continuous adjoint,
       O(1) activation memory) or `"checkpoint"` (recompute each step in backward; same gradient
-      as direct).
+      as direct). `adjoint` and `checkpoint` give first-order gradients only: differentiating
+      one again (`create_graph=True`) raises; use `direct` for higher orders.
     - `adjoint_rtol`, `adjoint_atol`: tolerances of the adjoint's backward solve (default: the
       forward ones). `adjoint_seminorm=True` leaves the parameter-gradient part of the adjoint out
       of error control, which usually saves backward evaluations.
     - `adjoint_params`: tensors to differentiate with `adjoint`/`checkpoint` (default: the
-      parameters of `f` when it is an `nn.Module`); other tensors `f` closes over get no gradient
-      under those two methods.
+      parameters of `f` when it is an `nn.Module`). With the default, `backward()` raises if `f`
+      uses another tensor that requires grad, which those two methods could not give a
+      gradient (a context stored on `f`, a tensor it closes over); given explicitly, other
+      tensors get no gradient, unchecked.
     - `backend`: `"odenet"` or `"torchdiffeq"` (runs the same call through torchdiffeq, which also
       accepts its other method names).
     - `throw`: raise `odenet.SolverError` on solver failure (default); with `False` return the

@@ -63,6 +63,110 @@ def test_gradcheck(gradient):
     assert torch.autograd.gradcheck(fn, (y0, t, w_), eps=1e-5, atol=1e-5, rtol=1e-4)
 
 
+def test_direct_second_order_gradgradcheck():
+    """gradient='direct' differentiates twice (gradient penalties, Hessian-vector products):
+    torch.autograd.gradgradcheck of a fixed-step solve in y0 and a parameter."""
+    f = CountingF(dim=2)
+    y0 = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    w_ = f.lin1.weight.detach().clone().requires_grad_(True)
+
+    def fn(y0, w_):
+        field = lambda tt, y: torch.func.functional_call(f, {"lin1.weight": w_}, (tt, y))  # noqa: E731
+        return odenet.odeint(field, y0, [0.0, 0.5], solver="rk4", steps=3).ys[-1]
+
+    assert torch.autograd.gradgradcheck(fn, (y0, w_))
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "checkpoint"])
+@pytest.mark.parametrize("loss", ["square", "sum"])
+def test_second_order_through_first_order_methods_raises(gradient, loss):
+    """The adjoint's and checkpoint's gradients are first order only. Differentiating one again
+    (a gradient penalty, via create_graph=True) raises, naming the fix; it used to add nothing
+    to the parameter gradients, silently. With create_graph=True alone the values are the usual."""
+    torch.manual_seed(0)
+    f = odenet.MLPDynamics(dim=3, hidden=8).double()
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    block = odenet.ODEBlock(f, gradient=gradient)
+    lossfn = (lambda out: out.pow(2).sum()) if loss == "square" else (lambda out: out.sum())
+    out = block(x)
+    (gx,) = torch.autograd.grad(lossfn(out), x, create_graph=True)
+    (plain,) = torch.autograd.grad(lossfn(block(x)), x)
+    assert torch.equal(gx.detach(), plain)
+    with pytest.raises(RuntimeError, match="first-order gradients only.*Use gradient='direct'"):
+        (gx.pow(2).sum() + out.sum()).backward()
+
+
+def test_second_order_time_gradient_raises():
+    """A time gradient is computed outside the graph; differentiating it again raises. The
+    state's gradient still differentiates twice with gradient='direct' while t requires grad."""
+    f = CountingF(dim=2)
+    y0 = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.5], dtype=torch.float64, requires_grad=True)
+    out = odenet.odeint(f, y0, t, solver="rk4", steps=3).ys[-1]
+    g_y0, g_t = torch.autograd.grad(out.pow(2).sum(), (y0, t), create_graph=True)
+    (hvp,) = torch.autograd.grad(g_y0.sum(), y0, retain_graph=True)
+    assert torch.isfinite(hvp).all() and hvp.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        g_t.sum().backward()
+
+
+class _Conditioned(torch.nn.Module):
+    """f(t, x) = tanh(W x + ctx): a context computed outside f and stored on it (latent ODEs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2).double()
+        self.ctx = None
+
+    def forward(self, t, x):
+        return torch.tanh(self.lin(x) + self.ctx)
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "checkpoint"])
+def test_tensor_f_uses_outside_its_parameters_raises(gradient):
+    """adjoint and checkpoint differentiate the state and f's parameters only. A context that
+    requires grad, computed outside f, used to get no gradient, silently; now backward says so
+    and names the fixes. The same model trains with gradient='direct'."""
+    torch.manual_seed(0)
+    enc, f = torch.nn.Linear(3, 2).double(), _Conditioned()
+    x = torch.randn(4, 2, dtype=torch.float64)
+    f.ctx = enc(torch.randn(4, 3, dtype=torch.float64))
+    out = odenet.ODEBlock(f, gradient=gradient)(x)
+    with pytest.raises(RuntimeError, match=r"neither the state nor a parameter of f.*gradient='direct'.*adjoint_params"):
+        out.sum().backward()
+    odenet.ODEBlock(f, gradient="direct")(x).sum().backward()
+    assert enc.weight.grad is not None and enc.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "checkpoint"])
+def test_adjoint_params_take_a_tensor_f_closes_over(gradient):
+    """A plain function closing over W: without adjoint_params the backward raises; with
+    adjoint_params=(W,) W gets the gradient direct backprop gives (no check: the caller chose)."""
+    W = torch.tensor([[-0.5, 1.0], [-1.0, -0.5]], dtype=torch.float64, requires_grad=True)
+    y0 = torch.ones(3, 2, dtype=torch.float64, requires_grad=True)
+    kw = dict(solver="rk4", steps=8)
+    out = odenet.odeint(lambda t, y: y @ W, y0, [0.0, 1.0], gradient=gradient, **kw).ys[-1]
+    with pytest.raises(RuntimeError, match="neither the state nor a parameter"):
+        out.sum().backward()
+    (expected,) = torch.autograd.grad(odenet.odeint(lambda t, y: y @ W, y0, [0.0, 1.0], **kw).ys[-1].sum(), W)
+    sol = odenet.odeint(lambda t, y: y @ W, y0, [0.0, 1.0], gradient=gradient, adjoint_params=(W,), **kw)
+    (got,) = torch.autograd.grad(sol.ys[-1].sum(), W)
+    tol = 1e-4 if gradient == "adjoint" else 1e-12  # adjoint: the ODE's gradient, O(h^4) from rk4's
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "checkpoint"])
+def test_input_check_under_saved_tensor_hooks(gradient):
+    """Under saved-tensor hooks (activation measurements, offloading) the saved parameters
+    unpack as other objects; f's own parameters must still be recognised as such."""
+    f = CountingF()
+    y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    with odenet.measure.saved_tensors():
+        out = odenet.ODEBlock(f, gradient=gradient)(y0)
+    out.sum().backward()
+    assert all(p.grad is not None for p in f.parameters())
+
+
 @pytest.mark.parametrize("gradient", ["direct", "adjoint"])
 def test_gradients_match_torchdiffeq(gradient):
     """Same problem through torchdiffeq: gradients within 1e-6 relative."""
