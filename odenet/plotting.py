@@ -240,8 +240,8 @@ def plot_trajectories(
       curves and markers coloured by depth along `cmap`, with a colour bar).
     - `dims`: number of plotted state coordinates (1, 2 or 3; default: the state dimension if
       at most 3, else 2 principal components).
-    - `depth_axis`: add depth as an axis (1-D states always have it): a 2-D state then gives
-      a 3-D picture with depth rising along the vertical axis.
+    - `depth_axis`: add depth as an axis (1-D states and `dims=1` always have it): a 2-D state
+      then gives a 3-D picture with depth rising along the vertical axis.
     - `n_points`: points along each continuous curve (default 100).
     - `reference_solver`, `rtol`, `atol`: how the continuous curve of a discrete block is solved
       (default `"dopri5"` at `1e-5`).
@@ -303,6 +303,8 @@ def plot_trajectories(
             raise ValueError(f"the state has one dimension; dims={dims} is not possible.")
     c, d, coord_labels = _project(c, d, dims)
     P = c.shape[-1]
+    if P == 1:  # one plotted coordinate (a 1-D state, or dims=1): drawn against depth
+        depth_axis = True
     if depth_axis and P == 3:
         raise ValueError("depth_axis=True with 3 state coordinates would need 4 axes; use dims=2 or depth_axis=False.")
 

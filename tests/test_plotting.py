@@ -78,6 +78,43 @@ def test_trajectories_pca_and_one_dimensional():
     assert_not_blank(render(plotting.plot_trajectories(odenet.ODEBlock(f1), x1, labels=(x1[:, 0].abs() > 1).long())))
 
 
+def _assert_drawn_against_depth(fig):
+    """One 2-D axes with depth on x (the only one: the other is the colour bar, if any)."""
+    ax = fig.axes[0]
+    assert getattr(ax, "name", "") != "3d"
+    assert ax.get_xlabel() == "depth $t$"
+    lo, hi = ax.get_xlim()
+    assert lo <= 0.0 and hi >= 1.0  # the block's depth [0, 1] spans the x axis
+
+
+def test_trajectories_dims_1_of_a_5d_state_against_depth():
+    """dims=1 projects on the first principal component and, like a 1-D state, draws it against depth."""
+    torch.manual_seed(0)
+    f5 = odenet.MLPDynamics(dim=5, hidden=16)
+    x = torch.randn(30, 5)
+    fig = plotting.plot_trajectories(odenet.ODEBlock(f5), x, dims=1)  # coloured by depth
+    _assert_drawn_against_depth(fig)
+    assert fig.axes[0].get_ylabel().startswith("PC1")
+    assert_not_blank(render(fig))
+    fig = plotting.plot_trajectories(odenet.ODEBlock(f5, solver="rk4", steps=4), x, dims=1, labels=torch.arange(30) % 3)
+    _assert_drawn_against_depth(fig)
+    assert_not_blank(render(fig))
+
+
+def test_trajectories_dims_1_of_a_2d_state_against_depth(f2, data2):
+    x, y = data2
+    fig = plotting.plot_trajectories(odenet.ODEBlock(f2), x, dims=1)
+    _assert_drawn_against_depth(fig)
+    assert_not_blank(render(fig))
+    fig = plotting.plot_trajectories(odenet.ODEBlock(f2, solver="euler", steps=6), x, labels=y, dims=1)
+    _assert_drawn_against_depth(fig)
+    assert_not_blank(render(fig))
+    # The same picture as asking for the depth axis explicitly.
+    explicit = plotting.plot_trajectories(odenet.ODEBlock(f2), x, dims=1, depth_axis=True)
+    assert explicit.axes[0].get_xlabel() == fig.axes[0].get_xlabel()
+    assert explicit.axes[0].get_ylabel() == fig.axes[0].get_ylabel()
+
+
 def test_trajectory_markers_are_the_models_states(f2, data2):
     """The discrete markers are exactly what the model computes; the curve is the accurate ODE of the same f."""
     x, _ = data2
