@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -98,6 +99,16 @@ class _ConcatConv2d(nn.Module):
         return self.conv(x)
 
 
+def _default_groups(channels: int, hidden: int, limit: int = 32) -> int:
+    """The largest GroupNorm group count at most `limit` that divides both `channels` and `hidden`.
+
+    Equals `min(limit, channels, hidden)` whenever that divides both (it is then the largest such
+    divisor), so models built with the earlier default keep their group count.
+    """
+    common = math.gcd(channels, hidden)
+    return max(g for g in range(1, min(limit, common) + 1) if common % g == 0)
+
+
 class ConvDynamics(nn.Module):
     """Convolutional `f(t, x)` for image states `[B, C, H, W]` (the ODE-Net block of Chen et al. 2018).
 
@@ -108,7 +119,9 @@ class ConvDynamics(nn.Module):
 
     - `channels`: number of channels `C` of the state.
     - `hidden`: channels between the two convolutions (default `channels`).
-    - `groups`: GroupNorm groups (default `min(32, channels)`; must divide the channel counts).
+    - `groups`: GroupNorm groups (default: the largest number at most 32 that divides both
+      `channels` and `hidden`, which is `min(32, channels, hidden)` whenever that divides both;
+      an explicit value must divide the channel counts).
     - `time_dependent`: feed `t` to the convolutions (default `True`).
 
     **Raises:** `TypeError`/`ValueError` if `channels`, `hidden` or `groups` is not a positive
@@ -126,7 +139,7 @@ class ConvDynamics(nn.Module):
         super().__init__()
         self.channels = _check_int("channels", channels)
         hidden = _check_int("hidden", hidden if hidden is not None else channels)
-        groups = groups if groups is not None else min(32, channels, hidden)
+        groups = groups if groups is not None else _default_groups(channels, hidden)
         _check_int("groups", groups)
         for c in (channels, hidden):
             if c % groups:

@@ -68,7 +68,7 @@ class Conv1dDynamics(nn.Module):
     - `channels`: number of channels `C` of the state.
     - `hidden`: channels between the two convolutions (default `channels`).
     - `kernel_size`: odd kernel size (default 3).
-    - `groups`: GroupNorm groups (default `min(8, channels)`; must divide the channel counts).
+    - `groups`: GroupNorm groups (default `gcd(8, channels, hidden)`; must divide the channel counts).
     - `time_dependent`: feed `t` to the convolutions (default `True`).
 
     **Raises:** `ValueError` for non-positive sizes, an even kernel, or groups that do not
