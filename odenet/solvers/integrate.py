@@ -36,23 +36,43 @@ def rms_norm(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
 
 
+def autocast_active(device_type: str) -> bool:
+    """Whether `torch.autocast` is on for `device_type` here (for torch 2.2 and later)."""
+    try:
+        return torch.is_autocast_enabled(device_type)  # torch >= 2.4
+    except TypeError:  # older: no argument, one flag per device type
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return device_type == "cuda" and torch.is_autocast_enabled()
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return False
+
+
 class CountedFunc:
     """Wraps the user's `f(t, y)`: turns the loop's float time into a 0-dim tensor of
     `y`'s dtype and device, counts every call into `stats` (forward, or backward once
-    :attr:`backward` is set), and checks the first output's type, shape and dtype."""
+    :attr:`backward` is set), and checks the first output's type, shape and dtype.
 
-    __slots__ = ("f", "stats", "backward", "_checked")
+    With `autocast` (the solve started inside `torch.autocast`), `f`'s layers may compute in
+    the lower precision and return it; such an output is cast back to the state's dtype, so
+    the solver's state, steps and error control stay in the state's precision, as a residual
+    update `y + h·f(t, y)` promotes to it."""
 
-    def __init__(self, f: Callable[[Tensor, Tensor], Tensor], stats: SolveStats):
+    __slots__ = ("f", "stats", "backward", "autocast", "_checked")
+
+    def __init__(self, f: Callable[[Tensor, Tensor], Tensor], stats: SolveStats, autocast: bool = False):
         self.f = f
         self.stats = stats
         self.backward = False
+        self.autocast = autocast
         self._checked = False
 
     def __call__(self, t, y: Tensor) -> Tensor:
         if not isinstance(t, Tensor):  # odenet's loop passes floats; torchdiffeq passes tensors
             t = torch.scalar_tensor(t, dtype=y.dtype, device=y.device)
         out = self.f(t, y)
+        if self.autocast and isinstance(out, Tensor) and out.dtype != y.dtype and out.is_floating_point():
+            out = out.to(y.dtype)
         if self.backward:
             self.stats.nfe_backward += 1
         else:
@@ -81,7 +101,8 @@ class CountedFunc:
         if out.dtype != y.dtype:
             raise TypeError(
                 f"f must return dy/dt with the state's dtype {y.dtype}, but {name} returned {out.dtype}. "
-                "Cast f's parameters with f.to(dtype) or the state with y0.to(dtype)."
+                "Cast f's parameters with f.to(dtype) or the state with y0.to(dtype). (Inside "
+                "torch.autocast odenet casts f's output to the state's dtype itself.)"
             )
         self._checked = True
 
@@ -360,7 +381,7 @@ def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: S
     # floats; on other devices, and while torch.compile traces the whole solve, each time is
     # made from its float by the wrapper (on CUDA: no copy from the host, so no
     # synchronisation, and allowed in CUDA graph capture).
-    bulk = isinstance(f, CountedFunc) and y0.device.type == "cpu" and not compiling
+    bulk = isinstance(f, CountedFunc) and y0.device.type == "cpu" and not compiling and not f.autocast
     times = _cpu_stage_times(plan, grid, tab.c, y0.dtype, cache) if bulk else plan.times
     after_first = f.f if bulk and not use_step else f
     call = f
