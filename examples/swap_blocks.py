@@ -18,5 +18,5 @@ model = odenet.swap_blocks(model, solver="dopri5", rtol=1e-4, atol=1e-4)  # same
 ode_out = model(x)
 print("NFE per ODE block:", [m.last_stats.nfe_forward for m in model if isinstance(m, odenet.ODEBlock)])
 print("max |ResNet - ODE| output:", (resnet_out - ode_out).abs().max().item())
-model = odenet.swap_blocks(model, solver="euler", steps=1)                # and back, bit for bit
+model = odenet.swap_blocks(model, solver="euler", steps=1)                # and back (bit for bit in float32)
 print("back to ResNet exactly:", torch.equal(model(x), resnet_out))

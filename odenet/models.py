@@ -5,7 +5,7 @@ The residual part is where the runs differ. A `ResidualSpec` says how it is comp
 - `ResidualSpec("euler", steps=6, tied=False)`: six `ResBlock`s, each with its own `f`
   (the classical ResNet);
 - `ResidualSpec("euler", steps=6)`: six `ResBlock`s sharing one `f` (bit for bit
-  `ODEBlock(f, solver="euler", steps=6)`);
+  `ODEBlock(f, solver="euler", steps=6)` in float32);
 - `ResidualSpec("rk4", steps=2)`, `ResidualSpec("dopri5", rtol=1e-3, atol=1e-3, gradient="adjoint")`:
   one `ODEBlock` around one `f`.
 
@@ -130,8 +130,9 @@ class StackedDynamics(nn.Module):
     """The vector field of an untied ResNet: `f(t, x) = fs[i](t, x)` on the i-th of `n` equal
     slices of `[t0, t1]`.
 
-    `ODEBlock(StackedDynamics(fs), solver="euler", steps=len(fs))` computes exactly what
-    the stack `ResBlock(fs[i], h=(t1 - t0)/n, t=t0 + i (t1 - t0)/n)` computes; any other solver
+    `ODEBlock(StackedDynamics(fs), solver="euler", steps=len(fs))` computes what the stack
+    `ResBlock(fs[i], h=(t1 - t0)/n, t=t0 + i (t1 - t0)/n)` computes (bit for bit in float32;
+    see `odenet.ResBlock` for float64's last bit); any other solver
     or step count re-reads the trained ResNet as an ODE with a piecewise-in-time field,
     which is how a classical ResNet is cross-evaluated.
 

@@ -27,6 +27,19 @@ def test_stacked_resblocks_equal_euler_odeblock(n):
     assert euler.last_stats.nfe_forward == n
 
 
+@pytest.mark.parametrize("n", [1, 3, 6, 7, 10, 24])
+def test_stacked_resblocks_equal_euler_odeblock_bit_for_bit(n):
+    """What the docs promise exactly: float32 for any N, float64 for N a power of two."""
+    for dtype, ok in ((torch.float32, True), (torch.float64, n & (n - 1) == 0)):
+        f = _f().to(dtype)
+        x = torch.randn(5, 4, dtype=dtype)
+        stack = nn.Sequential(*[odenet.ResBlock(f, h=1 / n, t=i / n) for i in range(n)])
+        if ok:
+            assert torch.equal(stack(x), odenet.ODEBlock(f, solver="euler", steps=n)(x))
+            back = odenet.swap_blocks(odenet.swap_blocks(stack, solver="dopri5"), solver="euler", steps=1)
+            assert torch.equal(back(x), stack(x))
+
+
 def test_resblock_is_one_euler_step():
     f = _f()
     x = torch.randn(5, 4, dtype=torch.float64)
