@@ -429,7 +429,9 @@ def odeint(
       exceeding it). With neither, one step per interval of `t`. An error for adaptive solvers.
     - `first_step`: initial step size (default: chosen from `f` at `y0`, one extra evaluation).
     - `min_step`: smallest step size allowed; below it the solve fails with step size underflow.
-    - `max_steps`: most steps (accepted plus rejected) before failing (default 10,000).
+    - `max_steps`: most steps (accepted plus rejected) before failing (default 10,000). With
+      `backend="torchdiffeq"` it is torchdiffeq's `max_num_steps`, which counts per output
+      interval, so a solve with many output times can take many more steps in all.
     - `controller`: an `odenet.solvers.PIController` (default PI controller).
     - `gradient`: `"direct"` (backprop through the solver), `"adjoint"` (continuous adjoint,
       O(1) activation memory) or `"checkpoint"` (recompute each step in backward; same gradient
