@@ -210,7 +210,8 @@ class _AdjointFn(torch.autograd.Function):
                         loop_kw["grid"] = [seg[0], *inner, seg[1]]
                     res = integrate(f_aug, z0, seg, box.solver, **loop_kw)
                     if res.status is not Status.SUCCESS:
-                        msg = res.status.message(res.t, res.h, loop_kw["max_steps"], loop_kw["min_step"])
+                        msg = res.status.message(res.t, res.h, loop_kw["max_steps"], loop_kw["min_step"],
+                                                 fixed=not box.solver.adaptive)
                         raise SolverError(
                             f"The adjoint (backward) solve from t={ts[i]:.6g} to t={ts[i - 1]:.6g} failed. {msg} "
                             "For the adjoint you can also set adjoint_rtol/adjoint_atol, or use "

@@ -334,7 +334,7 @@ def _solve_odenet(f, y0: Tensor, t_tensor: Tensor, ts: List[float], opts: SolveO
             ys, res = solve(y0)
     finally:
         fc.backward = True  # any later call of f is part of the backward pass
-    message = res.status.message(res.t, res.h, opts.max_steps or 0, opts.min_step)
+    message = res.status.message(res.t, res.h, opts.max_steps or 0, opts.min_step, fixed=not opts.adaptive)
     return _finish(opts, t_tensor, ys, stats, res.status, message, res.steps)
 
 

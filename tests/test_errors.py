@@ -185,6 +185,8 @@ def test_nonfinite_fixed_step(bad):
     f = (lambda t, y: y * 1e300) if bad == float("inf") else (lambda t, y: y * bad)
     sol = odenet.odeint(f, torch.ones(2, dtype=torch.float64), [0.0, 1.0], solver="euler", steps=5, throw=False)
     assert sol.status is odenet.Status.NONFINITE
+    # Checked once, at the end: the message must not place the failure at t=1 itself.
+    assert "by t=1 (a fixed-step solve checks once, at its end" in sol.message and "near t=" not in sol.message
 
 
 def test_fixed_step_large_finite_state_is_success():
@@ -197,6 +199,13 @@ def test_torchdiffeq_backend_max_steps():
     with pytest.raises(odenet.SolverError) as info:
         odenet.odeint(lambda t, y: torch.cos(50 * t) * y, Y0, [0.0, 10.0], rtol=1e-10, atol=1e-10, max_steps=5, backend="torchdiffeq")
     assert info.value.status is odenet.Status.MAX_STEPS
+    assert "nan" not in str(info.value)  # torchdiffeq does not say where it stopped; neither do we
+
+
+def test_messages_leave_out_unknown_time_and_step():
+    for status in (odenet.Status.MAX_STEPS, odenet.Status.STEP_UNDERFLOW, odenet.Status.NONFINITE):
+        assert "nan" not in status.message() and "nan" not in status.message(fixed=True)
+    assert "at t=0.5 with step size 0.01" in odenet.Status.MAX_STEPS.message(0.5, 0.01, 100)
 
 
 def test_adjoint_backward_failure_is_a_solver_error():

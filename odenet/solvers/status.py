@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 
 __all__ = ["Status", "SolverError"]
 
@@ -26,35 +27,46 @@ class Status(enum.Enum):
     STEP_UNDERFLOW = "step_size_underflow"
     NONFINITE = "nonfinite_state"
 
-    def message(self, t: float = float("nan"), h: float = float("nan"), max_steps: int = 0, min_step=None) -> str:
+    def message(self, t: float = float("nan"), h: float = float("nan"), max_steps: int = 0, min_step=None,
+                fixed: bool = False) -> str:
         """Human-readable explanation with the time `t`, step size `h` and limits filled in.
 
         **Arguments:**
 
-        - `t`, `h`: the time and step size where the solve stopped.
+        - `t`, `h`: the time and step size where the solve stopped (left out of the message
+          when NaN, i.e. unknown).
         - `max_steps`, `min_step`: the limits in force.
+        - `fixed`: a fixed-step solve, which checks finiteness once, at its end.
 
         **Returns:** the message, a string that says what happened and what to try.
         """
+        at = f" at t={t:.6g}" if math.isfinite(t) else ""
         if self is Status.SUCCESS:
             return "The solve succeeded."
         if self is Status.MAX_STEPS:
+            size = f" with step size {h:.3g}" if math.isfinite(h) else ""
             return (
-                f"The maximum number of solver steps (max_steps={max_steps}) was reached at t={t:.6g} "
-                f"with step size {h:.3g}. Increase max_steps=, loosen rtol/atol, or check whether the "
+                f"The maximum number of solver steps (max_steps={max_steps}) was reached{at}{size}. "
+                "Increase max_steps=, loosen rtol/atol, or check whether the "
                 "dynamics have become stiff or fast (regularise f, e.g. with weight decay or a kinetic "
                 "energy penalty)."
             )
         if self is Status.STEP_UNDERFLOW:
             limit = f"min_step={min_step:.3g}" if min_step else "the floating-point resolution of t"
+            size = f" to {h:.3g}" if math.isfinite(h) else ""
             return (
-                f"The step size fell to {h:.3g} at t={t:.6g}, below {limit}. The problem is probably "
+                f"The step size fell{size}{at}, below {limit}. The problem is probably "
                 "stiff or f blows up near this t: loosen rtol/atol, lower min_step, use float64, or "
                 "check f for a singularity."
             )
         if self is Status.NONFINITE:
+            if fixed:
+                where = (f" by t={t:.6g} (a fixed-step solve checks once, at its end, so it may have "
+                         "happened at any earlier step)") if math.isfinite(t) else ""
+            else:
+                where = f" near t={t:.6g}" if math.isfinite(t) else ""
             return (
-                f"The state or f(t, y) became non-finite (NaN or inf) near t={t:.6g}. Check y0 and f's "
+                f"The state or f(t, y) became non-finite (NaN or inf){where}. Check y0 and f's "
                 "parameters for NaN/inf, lower the learning rate or clip gradients, use a smaller "
                 "first_step or tighter tolerances, or use float64."
             )
