@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -26,9 +29,19 @@ def _check_dynamics(f) -> None:
 
 
 def _check_time(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # numbers.Real takes NumPy scalars (np.float32 is not a float) as odeint's settings do.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite number, got {value!r}.")
     return float(value)
+
+
+def _check_keywords(owner: str, given, allowed) -> None:
+    """An unknown keyword names `owner` (not an internal function) and the closest allowed one."""
+    for key in given:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"{owner} got an unexpected keyword argument {key!r}.{hint} It takes: {', '.join(sorted(allowed))}.")
 
 
 class ResBlock(nn.Module):
@@ -148,6 +161,7 @@ class ODEBlock(nn.Module):
                 f"regularization must be an odenet.RNODE or None, got {type(regularization).__name__}; "
                 "e.g. regularization=odenet.RNODE(kinetic=0.01, jacobian=0.01)."
             )
+        _check_keywords("ODEBlock", kwargs, _BLOCK_KEYWORDS)
         self.regularization = regularization
         self.last_regularization: Optional[Tensor] = None
         self.f = f
@@ -248,6 +262,12 @@ class ODEBlock(nn.Module):
         return ", ".join(parts)
 
 
+_BLOCK_KEYWORDS = frozenset(
+    k for k in (*inspect.signature(ODEBlock.__init__).parameters, *inspect.signature(make_options).parameters)
+    if k not in ("self", "f", "solver", "kwargs")
+)
+
+
 def _interval(block: nn.Module):
     if isinstance(block, ResBlock):
         return block.t, block.t + block.h
@@ -283,6 +303,12 @@ def swap_blocks(model: nn.Module, solver: Union[str, ExplicitRK] = "dopri5", **k
     model = odenet.swap_blocks(model, solver="euler", steps=1)                # and back
     ```
     """
+    if "t0" in kwargs or "t1" in kwargs:
+        raise TypeError(
+            "swap_blocks keeps each block's own interval ([t, t + h] of a ResBlock, [t0, t1] of an "
+            "ODEBlock), so it takes no t0/t1; set them on the blocks after swapping."
+        )
+    _check_keywords("swap_blocks", kwargs, _BLOCK_KEYWORDS - {"t0", "t1"})
     to_res = isinstance(solver, str) and solver == "euler" and kwargs.get("steps") == 1 and set(kwargs) <= {"steps"}
     if not to_res:  # fail before changing anything
         make_options(solver, **{k: v for k, v in kwargs.items() if k not in ("t0", "t1", "regularization")})

@@ -96,6 +96,33 @@ def test_swap_blocks_single_block_and_validation():
         odenet.swap_blocks(nn.Sequential(block), solver="dopri5", steps=3)
 
 
+def test_unknown_keywords_name_the_block_and_the_closest_setting():
+    f = _f()
+    with pytest.raises(TypeError, match=r"ODEBlock got an unexpected keyword argument 'rtl'\. Did you mean 'rtol'\?"):
+        odenet.ODEBlock(f, rtl=1e-3)
+    with pytest.raises(TypeError, match=r"swap_blocks got an unexpected keyword argument 'max_step'\. Did you mean 'max_steps'\?"):
+        odenet.swap_blocks(odenet.ResBlock(f), solver="dopri5", max_step=10)
+    with pytest.raises(TypeError, match="keeps each block's own interval"):
+        odenet.swap_blocks(odenet.ResBlock(f), solver="dopri5", t0=0.0)
+    model = nn.Sequential(odenet.ResBlock(f))
+    with pytest.raises(TypeError):
+        odenet.swap_blocks(model, solver="dopri5", rtl=1e-3)
+    assert isinstance(model[0], odenet.ResBlock)  # nothing replaced before the error
+
+
+def test_numpy_scalars_are_numbers():
+    """NumPy scalars are accepted for times and step sizes, as odeint accepts them for its settings."""
+    import numpy as np
+
+    f = _f()
+    block = odenet.ODEBlock(f, t0=np.float32(0.0), t1=np.float32(0.5))
+    assert (block.t0, block.t1) == (0.0, 0.5) and type(block.t1) is float
+    res = odenet.ResBlock(f, h=np.float32(0.25), t=np.int64(1))
+    assert (res.h, res.t) == (0.25, 1.0)
+    with pytest.raises(TypeError, match="finite number"):
+        odenet.ResBlock(f, h=torch.tensor(0.5))
+
+
 def test_trajectory_shape_and_endpoints():
     f = _f()
     block = odenet.ODEBlock(f, solver="dopri5", rtol=1e-6, atol=1e-8)
