@@ -36,16 +36,30 @@ def rms_norm(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
 
 
+def _autocast_takes_device() -> bool:
+    try:
+        torch.is_autocast_enabled("cpu")  # torch >= 2.4
+        return True
+    except TypeError:  # older: no argument (CUDA), and is_autocast_cpu_enabled for the CPU
+        return False
+
+
+# Decided once, here: inside a torch.compile trace the wrong call would not raise a TypeError.
+_AUTOCAST_TAKES_DEVICE = _autocast_takes_device()
+
+
 def autocast_active(device_type: str) -> bool:
     """Whether `torch.autocast` is on for `device_type` here (for torch 2.2 and later)."""
-    try:
-        return torch.is_autocast_enabled(device_type)  # torch >= 2.4
-    except TypeError:  # older: no argument, one flag per device type
-        if device_type == "cpu":
-            return torch.is_autocast_cpu_enabled()
-        return device_type == "cuda" and torch.is_autocast_enabled()
-    except RuntimeError:  # a device type autocast does not know (meta)
-        return False
+    if device_type == "cpu":
+        return torch.is_autocast_enabled("cpu") if _AUTOCAST_TAKES_DEVICE else torch.is_autocast_cpu_enabled()
+    if device_type == "cuda":
+        return torch.is_autocast_enabled("cuda") if _AUTOCAST_TAKES_DEVICE else torch.is_autocast_enabled()
+    if _AUTOCAST_TAKES_DEVICE and device_type in ("xpu", "mps", "hpu"):
+        try:
+            return torch.is_autocast_enabled(device_type)
+        except RuntimeError:  # not an autocast device in this build
+            return False
+    return False  # meta, and devices autocast does not cover
 
 
 class CountedFunc:
