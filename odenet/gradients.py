@@ -27,6 +27,7 @@ backward raises if ``f`` uses another tensor that requires grad
 
 from __future__ import annotations
 
+import collections
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -101,11 +102,13 @@ def _untracked_input(out: Tensor, inputs: Sequence[Tensor], limit: int = 10_000)
     if out.grad_fn is None:
         return None
     leaves = {id(x) for x in inputs if x.grad_fn is None}
-    stops = {id(x.grad_fn) for x in inputs if x.grad_fn is not None}
-    seen = {id(out.grad_fn)}
-    queue = [out.grad_fn]
+    stops = {id(x.grad_fn): x.grad_fn for x in inputs if x.grad_fn is not None}  # kept alive, as below
+    # Visited nodes are kept (values of `seen`): a node's Python object can be freed once
+    # dropped, and its id() reused by the next one.
+    seen = {id(out.grad_fn): out.grad_fn}
+    queue = collections.deque([out.grad_fn])
     while queue and len(seen) < limit:
-        node = queue.pop(0)
+        node = queue.popleft()
         variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf that requires grad
         if variable is not None:
             if id(variable) not in leaves:
@@ -113,7 +116,7 @@ def _untracked_input(out: Tensor, inputs: Sequence[Tensor], limit: int = 10_000)
             continue
         for nxt, _ in node.next_functions:
             if nxt is not None and id(nxt) not in seen and id(nxt) not in stops:
-                seen.add(id(nxt))
+                seen[id(nxt)] = nxt
                 queue.append(nxt)
     return None
 
