@@ -145,6 +145,16 @@ def test_step_size_underflow_while_steps_are_accepted(min_step):
     assert sol.stats.nfe_forward < 3000 and abs(sol.steps[-1].t - 1.0) < 0.05  # it stopped near the blow-up
 
 
+@pytest.mark.parametrize("f", [lambda t, y: torch.zeros_like(y), lambda t, y: -50.0 * (y - torch.cos(t))])
+def test_min_step_allows_a_growing_first_step(f):
+    """The initial-step heuristic can pick a first step far below min_step (1e-6 for f = 0;
+    0.01 |y|/|f| for a fast f); accepted steps growing from it are not an underflow."""
+    sol = odenet.odeint(f, torch.ones(3, dtype=torch.float64), [0.0, 1.0], rtol=1e-3, atol=1e-3, min_step=1e-3)
+    assert sol.success and sol.steps[0].h < 1e-3 and sol.stats.n_rejected == 0
+    block = odenet.ODEBlock(odenet.MLPDynamics(dim=2, hidden=8), min_step=1e-4)
+    assert block(torch.randn(0, 2)).shape == (0, 2)  # an empty batch: f = 0, first step 1e-6
+
+
 def test_nonfinite_initial_state():
     with pytest.raises(odenet.SolverError, match="non-finite") as info:
         odenet.odeint(f_ok, torch.tensor([1.0, float("nan")]), [0.0, 1.0])

@@ -502,10 +502,11 @@ def _adaptive_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats
             stats.n_rejected += 1
 
         h = h * factor
-        # Fail rather than spin once the next step is below `min_step` or too small to move `t`:
-        # after a rejection, or after an accepted step (the controller's safety factor shrinks
-        # the step on acceptance too, and near a blow-up it keeps accepting ever smaller steps).
-        if nxt < n_out and (abs(h) < (min_step or 0.0) or t + h == t):
+        # Fail rather than spin once the step shrinks below `min_step` or too small to move `t`:
+        # after a rejection, or after an accepted step that shrank it (near a blow-up the
+        # controller keeps accepting ever smaller steps). A step still growing from a small
+        # first step (the initial-step heuristic can pick one far below `min_step`) goes on.
+        if nxt < n_out and (not accepted or factor < 1.0) and (abs(h) < (min_step or 0.0) or t + h == t):
             status = Status.STEP_UNDERFLOW if math.isfinite(ratio) else Status.NONFINITE
     return outputs, status, t, h, records, log
 
