@@ -281,7 +281,7 @@ def swap_blocks(model: nn.Module, solver: Union[str, ExplicitRK] = "dopri5", **k
     `solver="euler", steps=1` (and nothing else) blocks become `ResBlock`s; anything else gives
     `ODEBlock(f, solver, t0, t1, **kwargs)`. The same `f` module (same parameters) is used, so
     the model trains and evaluates under either form. Each new block keeps the training/eval
-    mode of the block it replaces. The model is modified in place and returned; if `model`
+    mode of the block it replaces (`f` keeps its own, submodules included). The model is modified in place and returned; if `model`
     itself is a block, the new block is returned.
 
     **Arguments:**
@@ -320,8 +320,11 @@ def swap_blocks(model: nn.Module, solver: Union[str, ExplicitRK] = "dopri5", **k
         else:
             new = ODEBlock(block.f, solver, t0=t0, t1=t1, **kwargs)
         # A new module starts in training mode; keep the replaced block's mode (a model in
-        # eval() stays in eval, and a regularised block does not start regularising).
-        return new.train(block.training)
+        # eval() stays in eval, and a regularised block does not start regularising). The
+        # block's own flag only: train() would also reset f's submodules (a BatchNorm frozen in
+        # eval inside a training model).
+        new.training = block.training
+        return new
 
     if isinstance(model, (ResBlock, ODEBlock)):
         return convert(model)

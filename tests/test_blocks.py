@@ -86,6 +86,9 @@ def test_swap_blocks_keeps_training_mode():
     model.train()
     model = odenet.swap_blocks(model, solver="rk4", steps=2)
     assert all(m.training for m in model.modules())
+    model[1].f.linears.eval()  # a part of f frozen in eval inside a training model stays so
+    model = odenet.swap_blocks(model, solver="dopri5")
+    assert model[1].training and not model[1].f.linears.training and model[2].f.linears.training
 
 
 def test_swap_blocks_single_block_and_validation():
