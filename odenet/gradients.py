@@ -63,12 +63,17 @@ class _Box:
 _SECOND_ORDER = (
     b"odenet: gradient='adjoint' and gradient='checkpoint' give first-order gradients only, and this "
     b"differentiates one of their gradients again (create_graph=True: a gradient penalty, a "
-    b"Hessian-vector product, a time gradient of a time gradient). Use gradient='direct' for "
-    b"higher-order gradients."
+    b"Hessian-vector product). Use gradient='direct' for higher-order gradients."
+)
+_SECOND_ORDER_TIME = (
+    b"odenet: gradients with respect to the output times t are first order under every gradient "
+    b"method, and this differentiates one again (create_graph=True). Higher-order gradients reach "
+    b"y0 and the parameters of f with gradient='direct'; for the end time T, solve "
+    b"dy/ds = T * f(t0 + s * T, y) over s in [0, 1] with T a tensor that f uses, under gradient='direct'."
 )
 
 
-def _first_order_only(grads: tuple) -> tuple:
+def _first_order_only(grads: tuple, message: bytes = _SECOND_ORDER) -> tuple:
     """Make differentiating `grads` again an error, when `backward` runs with `create_graph=True`.
 
     The backward passes below compute their results outside the graph being built (the
@@ -82,7 +87,7 @@ def _first_order_only(grads: tuple) -> tuple:
     idx = [i for i, x in enumerate(grads) if isinstance(x, Tensor)]
     if not idx:
         return grads
-    marked = torch._C._functions.DelayedError(_SECOND_ORDER, len(idx))(*(grads[i].detach().requires_grad_() for i in idx))
+    marked = torch._C._functions.DelayedError(message, len(idx))(*(grads[i].detach().requires_grad_() for i in idx))
     if isinstance(marked, Tensor):
         marked = (marked,)
     out = list(grads)
@@ -130,8 +135,9 @@ def _check_tracked(out: Tensor, inputs: Sequence[Tensor], method: str) -> None:
             "cannot give it a gradient: typically a context computed outside f and stored on it, or a "
             "tensor f closes over. Use "
             "gradient='direct'; or make it part of the state (concatenate it to y0, with f returning "
-            "zeros for it); or, with odenet.odeint, pass "
-            "adjoint_params=(it, *f.parameters()); or .detach() it if it should get no gradient."
+            "zeros for it); or, with odenet.odeint, pass adjoint_params listing every tensor to "
+            "differentiate (for a module f: (it, *f.parameters())); or .detach() it if it should "
+            "get no gradient."
         )
 
 
@@ -181,10 +187,15 @@ class _AdjointFn(torch.autograd.Function):
             a = z[n : 2 * n].view(shape)
             with torch.enable_grad():
                 y = y.detach().requires_grad_(True)
-                fy = fc(t, y)
                 if unchecked[0]:
-                    _check_tracked(fy, (y, *box.params), "adjoint")
+                    # The time tensor is made here so that the walk knows it: f may set
+                    # requires_grad on its t (FFJORD does), which makes t a leaf of the graph.
+                    tt = t if isinstance(t, Tensor) else torch.scalar_tensor(t, dtype=y.dtype, device=y.device)
+                    fy = fc(tt, y)
+                    _check_tracked(fy, (y, tt, *box.params), "adjoint")
                     unchecked[0] = False
+                else:
+                    fy = fc(t, y)
                 if fy.requires_grad:
                     vjps = torch.autograd.grad(fy, (y, *params), -a, allow_unused=True)
                 else:
@@ -266,10 +277,13 @@ class _CheckpointFn(torch.autograd.Function):
             with torch.enable_grad():
                 yn = y_start.detach().requires_grad_(True)
                 dense = any(theta is not None for _, theta in rec.outputs)
-                step = solver.step(fc, rec.t, yn, rec.h, None, with_error=False, last_stage=dense)
-                if check:
-                    _check_tracked(step.ks[0], (yn, *box.params), "checkpoint")
+                k1 = None
+                if check:  # the first stage evaluated here, with its time tensor known (as above)
+                    t0 = torch.scalar_tensor(rec.t, dtype=yn.dtype, device=yn.device)
+                    k1 = fc(t0, yn)
+                    _check_tracked(k1, (yn, t0, *box.params), "checkpoint")
                     check = False
+                step = solver.step(fc, rec.t, yn, rec.h, k1, with_error=False, last_stage=dense)
                 outs = [step.y1]
                 g_end = a
                 gouts = [None]
@@ -340,7 +354,7 @@ class _StartTime(torch.autograd.Function):
         grad_t = torch.zeros(shape, dtype=dtype, device=device)
         with torch.no_grad():
             grad_t[0] = -(a * ctx.fc(ctx.t0, y0)).sum().to(dtype)
-        return (a, *_first_order_only((grad_t,)), None, None)  # `a` passes through: identity
+        return (a, *_first_order_only((grad_t,), _SECOND_ORDER_TIME), None, None)  # `a` passes through
 
 
 class _OutputTimes(torch.autograd.Function):
@@ -360,7 +374,7 @@ class _OutputTimes(torch.autograd.Function):
         with torch.no_grad():
             for i in range(1, len(ctx.ts)):
                 grad_t[i] = (g[i] * ctx.fc(ctx.ts[i], ys[i])).sum().to(dtype)
-        return (g, *_first_order_only((grad_t,)), None, None)  # `g` passes through: identity
+        return (g, *_first_order_only((grad_t,), _SECOND_ORDER_TIME), None, None)  # `g` passes through
 
 
 def attach_time_gradients(

@@ -436,7 +436,8 @@ def odeint(
     - `gradient`: `"direct"` (backprop through the solver), `"adjoint"` (continuous adjoint,
       O(1) activation memory) or `"checkpoint"` (recompute each step in backward; same gradient
       as direct). `adjoint` and `checkpoint` give first-order gradients only: differentiating
-      one again (`create_graph=True`) raises; use `direct` for higher orders.
+      one again (`create_graph=True`) raises; use `direct` for higher orders (of `y0` and
+      `f`'s parameters; time gradients are first order under every method).
     - `adjoint_rtol`, `adjoint_atol`: tolerances of the adjoint's backward solve (default: the
       forward ones). `adjoint_seminorm=True` leaves the parameter-gradient part of the adjoint out
       of error control, which usually saves backward evaluations.
@@ -444,7 +445,7 @@ def odeint(
       parameters of `f` when it is an `nn.Module`). With the default, `backward()` raises if `f`
       uses another tensor that requires grad, which those two methods could not give a
       gradient (a context stored on `f`, a tensor it closes over); given explicitly, other
-      tensors get no gradient, unchecked.
+      tensors get no gradient, unchecked, as always with `backend="torchdiffeq"`.
     - `backend`: `"odenet"` or `"torchdiffeq"` (runs the same call through torchdiffeq, which also
       accepts its other method names).
     - `throw`: raise `odenet.SolverError` on solver failure (default); with `False` return the
