@@ -28,6 +28,7 @@ backward raises if ``f`` uses another tensor that requires grad
 from __future__ import annotations
 
 import collections
+import contextlib
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -57,6 +58,9 @@ class _Box:
         self.solver = solver
         self.loop_kw = loop_kw
         self.adjoint = adjoint
+        # The autocast the forward ran in, (dtype, cache_enabled), or None: checkpoint's
+        # backward recomputes f inside the same one, as torch.utils.checkpoint does.
+        self.autocast = (fc.autocast, torch.is_autocast_cache_enabled()) if fc.autocast is not None else None
         self.result: Optional[LoopResult] = None
 
 
@@ -273,8 +277,13 @@ class _CheckpointFn(torch.autograd.Function):
         a = torch.zeros_like(g[0])
         grads_p: List[Optional[Tensor]] = [None] * len(params)
         check = box.params is not None
+        # Recompute f as the forward computed it: inside the autocast the solve started in.
+        if box.autocast is None:
+            recompute = contextlib.nullcontext()
+        else:
+            recompute = torch.autocast(g.device.type, dtype=box.autocast[0], cache_enabled=box.autocast[1])
         for rec, y_start in zip(reversed(records), reversed(states)):
-            with torch.enable_grad():
+            with torch.enable_grad(), recompute:
                 yn = y_start.detach().requires_grad_(True)
                 dense = any(theta is not None for _, theta in rec.outputs)
                 k1 = None

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .gradients import GRADIENTS, attach_time_gradients, run_solve
 from .solution import Solution
 from .solvers.controller import PIController
-from .solvers.integrate import CountedFunc, autocast_active
+from .solvers.integrate import CountedFunc, autocast_dtype
 from .solvers.rk import SOLVERS, ExplicitRK, get_solver
 from .solvers.stats import SolveStats
 from .solvers.status import SolverError, Status
@@ -305,7 +305,7 @@ def _finish(
 
 def _solve_odenet(f, y0: Tensor, t_tensor: Tensor, ts: List[float], opts: SolveOptions, adjoint_params) -> Solution:
     stats = SolveStats()
-    fc = CountedFunc(f, stats, autocast_active(y0.device.type))
+    fc = CountedFunc(f, stats, autocast_dtype(y0.device.type))
     solver = opts.solver
     loop_kw = dict(
         stats=stats,
@@ -342,7 +342,7 @@ def _solve_torchdiffeq(f, y0: Tensor, t_tensor: Tensor, ts: List[float], opts: S
     import torchdiffeq
 
     stats = SolveStats(n_accepted=None, n_rejected=None)
-    fc = CountedFunc(f, stats, autocast_active(y0.device.type))
+    fc = CountedFunc(f, stats, autocast_dtype(y0.device.type))
     t_in = t_tensor.to(device=y0.device, dtype=y0.dtype)
     options = {}
     if opts.adaptive:

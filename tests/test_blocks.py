@@ -236,3 +236,28 @@ def test_resblocks_equal_euler_odeblock_under_autocast():
     stack = nn.Sequential(*[odenet.ResBlock(f, h=1 / 4, t=i / 4) for i in range(4)])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(stack(x), odenet.ODEBlock(f, solver="euler", steps=4)(x))
+
+
+def test_checkpoint_recomputes_under_the_forwards_autocast():
+    """checkpoint's backward recomputes f inside the autocast the solve ran in (backward itself
+    runs outside it): the same bfloat16 operations, so direct's gradient. (Without autocast's
+    weight cache: with it, direct sums a weight's gradient over the whole solve in bfloat16 at
+    the one cached cast, and the two differ at bfloat16 precision.)"""
+    torch.manual_seed(0)
+    f = odenet.MLPDynamics(dim=3, hidden=16)
+    x = torch.randn(8, 3, requires_grad=True)
+    grads = {}
+    for gradient in ("direct", "checkpoint"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            y = odenet.ODEBlock(f, solver="rk4", steps=4, gradient=gradient)(x)
+        grads[gradient] = torch.autograd.grad(y.square().mean(), (x, *f.parameters()))
+    for a, b in zip(grads["checkpoint"], grads["direct"]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)  # recomputed in float32: ~3e-3 apart
+
+
+def test_autocast_casts_only_its_own_dtype():
+    """Inside autocast only f's autocast-dtype output is cast; a float64 f for a float32 state
+    is still an error, as outside autocast."""
+    f64 = odenet.MLPDynamics(dim=3, hidden=8).double()
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="state's dtype"):
+        odenet.odeint(lambda t, y: f64(t.double(), y.double()), torch.randn(2, 3), [0.0, 1.0])

@@ -62,19 +62,29 @@ def autocast_active(device_type: str) -> bool:
     return False  # meta, and devices autocast does not cover
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The lower precision `torch.autocast` computes in for `device_type` here, or `None` if off."""
+    if not autocast_active(device_type):
+        return None
+    if _AUTOCAST_TAKES_DEVICE and hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device_type)
+    return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+
+
 class CountedFunc:
     """Wraps the user's `f(t, y)`: turns the loop's float time into a 0-dim tensor of
     `y`'s dtype and device, counts every call into `stats` (forward, or backward once
     :attr:`backward` is set), and checks the first output's type, shape and dtype.
 
-    With `autocast` (the solve started inside `torch.autocast`), `f`'s layers may compute in
-    the lower precision and return it; such an output is cast back to the state's dtype, so
-    the solver's state, steps and error control stay in the state's precision, as a residual
-    update `y + h·f(t, y)` promotes to it."""
+    With `autocast`, the dtype of the `torch.autocast` the solve started in, `f`'s layers may
+    compute in that lower precision and return it; such an output is cast back to the state's
+    dtype, so the solver's state, steps and error control stay in the state's precision, as a
+    residual update `y + h·f(t, y)` promotes to it."""
 
     __slots__ = ("f", "stats", "backward", "autocast", "_checked")
 
-    def __init__(self, f: Callable[[Tensor, Tensor], Tensor], stats: SolveStats, autocast: bool = False):
+    def __init__(self, f: Callable[[Tensor, Tensor], Tensor], stats: SolveStats,
+                 autocast: Optional[torch.dtype] = None):
         self.f = f
         self.stats = stats
         self.backward = False
@@ -85,7 +95,7 @@ class CountedFunc:
         if not isinstance(t, Tensor):  # odenet's loop passes floats; torchdiffeq passes tensors
             t = torch.scalar_tensor(t, dtype=y.dtype, device=y.device)
         out = self.f(t, y)
-        if self.autocast and isinstance(out, Tensor) and out.dtype != y.dtype and out.is_floating_point():
+        if self.autocast is not None and isinstance(out, Tensor) and out.dtype == self.autocast != y.dtype:
             out = out.to(y.dtype)
         if self.backward:
             self.stats.nfe_backward += 1
@@ -115,8 +125,9 @@ class CountedFunc:
         if out.dtype != y.dtype:
             raise TypeError(
                 f"f must return dy/dt with the state's dtype {y.dtype}, but {name} returned {out.dtype}. "
-                "Cast f's parameters with f.to(dtype) or the state with y0.to(dtype). (Inside "
-                "torch.autocast odenet casts f's output to the state's dtype itself.)"
+                "Cast f's parameters with f.to(dtype) or the state with y0.to(dtype). (When the solve "
+                "itself starts inside torch.autocast, odenet casts f's output in the autocast dtype "
+                "to the state's dtype.)"
             )
         self._checked = True
 
@@ -395,7 +406,7 @@ def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: S
     # floats; on other devices, and while torch.compile traces the whole solve, each time is
     # made from its float by the wrapper (on CUDA: no copy from the host, so no
     # synchronisation, and allowed in CUDA graph capture).
-    bulk = isinstance(f, CountedFunc) and y0.device.type == "cpu" and not compiling and not f.autocast
+    bulk = isinstance(f, CountedFunc) and y0.device.type == "cpu" and not compiling and f.autocast is None
     times = _cpu_stage_times(plan, grid, tab.c, y0.dtype, cache) if bulk else plan.times
     after_first = f.f if bulk and not use_step else f
     call = f
