@@ -157,16 +157,17 @@ class _RegularizedDynamics(nn.Module):
                 # solve of the adjoint and checkpoint methods) x is not part of any graph.
                 x = x.detach().requires_grad_(True)
             fx = self.f(t, x)
-            parts = [fx.reshape(batch, -1)]
+            # reshape(batch, n), not (batch, -1): the latter is ambiguous for an empty batch.
+            parts = [fx.reshape(batch, self.n)]
             if self.kinetic:
-                parts.append(self.sign * fx.reshape(batch, -1).pow(2).sum(1, keepdim=True))
+                parts.append(self.sign * fx.reshape(batch, self.n).pow(2).sum(1, keepdim=True))
             if self.eps is not None:
                 vjp = None
                 if fx.requires_grad:
                     (vjp,) = torch.autograd.grad(fx, x, self.eps, create_graph=outer_grad, allow_unused=True)
                 if vjp is None:  # f does not depend on x: its Jacobian is zero
                     vjp = torch.zeros_like(x)
-                parts.append(self.sign * vjp.reshape(batch, -1).pow(2).sum(1, keepdim=True))
+                parts.append(self.sign * vjp.reshape(batch, self.n).pow(2).sum(1, keepdim=True))
             out = torch.cat(parts, dim=1)
         return out if outer_grad else out.detach()
 

@@ -234,3 +234,16 @@ def test_odeblock_regularization_works_for_images():
 def test_rnode_bad_input(make, err):
     with pytest.raises(err):
         make()
+
+
+@pytest.mark.parametrize("gradient", ["direct", "adjoint", "checkpoint"])
+def test_regularized_block_on_an_empty_batch(gradient):
+    """A batch of size 0 goes through a regularised block (its reshape was ambiguous); the
+    term is a mean over no samples, NaN, as torch's own losses are on an empty batch."""
+    block = odenet.ODEBlock(odenet.MLPDynamics(dim=2, hidden=8), gradient=gradient,
+                            regularization=odenet.RNODE(kinetic=1.0, jacobian=1.0))
+    x = torch.randn(0, 2, requires_grad=True)
+    y = block(x)
+    y.sum().backward()
+    assert y.shape == (0, 2) and x.grad.shape == (0, 2)
+    assert torch.isnan(block.last_regularization)
