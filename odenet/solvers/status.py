@@ -40,9 +40,9 @@ class Status(enum.Enum):
 
         **Returns:** the message, a string that says what happened and what to try.
         """
-        at = f" at t={t:.6g}" if math.isfinite(t) else ""
-        if self is Status.SUCCESS:
+        if self is Status.SUCCESS:  # first: every successful solve asks
             return "The solve succeeded."
+        at = f" at t={t:.6g}" if math.isfinite(t) else ""
         if self is Status.MAX_STEPS:
             size = f" with step size {h:.3g}" if math.isfinite(h) else ""
             return (
