@@ -77,25 +77,31 @@ _SECOND_ORDER_TIME = (
 )
 
 
-def _first_order_only(grads: tuple, message: bytes = _SECOND_ORDER) -> tuple:
+def _first_order_only(grads: tuple, anchors: Sequence[Tensor], message: bytes = _SECOND_ORDER) -> tuple:
     """Make differentiating `grads` again an error, when `backward` runs with `create_graph=True`.
 
     The backward passes below compute their results outside the graph being built (the
     adjoint's backward solve, the checkpoint's recomputed steps, the time gradients), so a
     second derivative through them would silently be zero or partial. As with
     `torch.autograd.function.once_differentiable`, each result is passed through a node that
-    raises, here with a message naming the fix.
+    raises, here with a message naming the fix. That node also takes `anchors`, tensors that
+    lead back to the forward's inputs (`y0`, the parameters, `t`): `torch.autograd.grad` with
+    `inputs` (and `torch.autograd.functional.hessian`, `hvp`) runs only the nodes on a path to
+    those inputs, and would otherwise skip it and return zeros.
     """
     if not torch.is_grad_enabled():  # the usual backward: nothing to mark
         return grads
     idx = [i for i, x in enumerate(grads) if isinstance(x, Tensor)]
     if not idx:
         return grads
-    marked = torch._C._functions.DelayedError(message, len(idx))(*(grads[i].detach().requires_grad_() for i in idx))
+    anchors = [a for a in anchors if isinstance(a, Tensor) and a.requires_grad]
+    marked = torch._C._functions.DelayedError(message, len(idx) + len(anchors))(
+        *(grads[i].detach().requires_grad_() for i in idx), *anchors
+    )
     if isinstance(marked, Tensor):
         marked = (marked,)
     out = list(grads)
-    for i, x in zip(idx, marked):
+    for i, x in zip(idx, marked[: len(idx)]):
         out[i] = x
     return tuple(out)
 
@@ -248,7 +254,7 @@ class _AdjointFn(torch.autograd.Function):
         for p, size in zip(params, sizes):
             grads_p.append(ap[offset : offset + size].view_as(p).to(p.dtype))
             offset += size
-        return _first_order_only((None, a, *grads_p))
+        return _first_order_only((None, a, *grads_p), (ys, *params))  # ys: its node leads to y0
 
 
 # ---------------------------------------------------------------------------- checkpoint
@@ -264,13 +270,15 @@ class _CheckpointFn(torch.autograd.Function):
         ctx.n_params = len(params)
         # The step-boundary states go through save_for_backward so that they are visible
         # to saved-tensor hooks (and so to activation-memory measurements).
-        ctx.save_for_backward(*params, *(r.y for r in res.records))
+        # y0 itself too, an anchor for second-order errors (see _first_order_only): the first
+        # state is y0.detach(), the same storage, so this keeps nothing more alive.
+        ctx.save_for_backward(y0, *params, *(r.y for r in res.records))
         return torch.stack(res.ys)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         box: _Box = ctx.box
-        saved = ctx.saved_tensors
+        y0, *saved = ctx.saved_tensors
         params, states = saved[: ctx.n_params], saved[ctx.n_params :]
         solver, fc = box.solver, box.fc
         records = box.result.records
@@ -308,7 +316,7 @@ class _CheckpointFn(torch.autograd.Function):
             for j, gp in enumerate(grads[1:]):
                 if gp is not None:
                     grads_p[j] = gp if grads_p[j] is None else grads_p[j] + gp
-        return _first_order_only((None, a + g[0], *grads_p))
+        return _first_order_only((None, a + g[0], *grads_p), (y0, *params))
 
 
 # ---------------------------------------------------------------------------- entry
@@ -352,18 +360,18 @@ class _StartTime(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y0: Tensor, t: Tensor, fc: CountedFunc, t0: float) -> Tensor:
-        ctx.save_for_backward(y0)
+        ctx.save_for_backward(y0, t)
         ctx.fc, ctx.t0, ctx.t_meta = fc, t0, (t.shape, t.dtype, t.device)
         return y0.clone()
 
     @staticmethod
     def backward(ctx, a: Tensor):
-        (y0,) = ctx.saved_tensors
+        y0, t = ctx.saved_tensors
         shape, dtype, device = ctx.t_meta
         grad_t = torch.zeros(shape, dtype=dtype, device=device)
         with torch.no_grad():
             grad_t[0] = -(a * ctx.fc(ctx.t0, y0)).sum().to(dtype)
-        return (a, *_first_order_only((grad_t,), _SECOND_ORDER_TIME), None, None)  # `a` passes through
+        return (a, *_first_order_only((grad_t,), (y0, t), _SECOND_ORDER_TIME), None, None)  # `a` passes through
 
 
 class _OutputTimes(torch.autograd.Function):
@@ -371,19 +379,19 @@ class _OutputTimes(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ys: Tensor, t: Tensor, fc: CountedFunc, ts: List[float]) -> Tensor:
-        ctx.save_for_backward(ys)
+        ctx.save_for_backward(ys, t)
         ctx.fc, ctx.ts, ctx.t_meta = fc, ts, (t.shape, t.dtype, t.device)
         return ys.clone()
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        (ys,) = ctx.saved_tensors
+        ys, t = ctx.saved_tensors
         shape, dtype, device = ctx.t_meta
         grad_t = torch.zeros(shape, dtype=dtype, device=device)
         with torch.no_grad():
             for i in range(1, len(ctx.ts)):
                 grad_t[i] = (g[i] * ctx.fc(ctx.ts[i], ys[i])).sum().to(dtype)
-        return (g, *_first_order_only((grad_t,), _SECOND_ORDER_TIME), None, None)  # `g` passes through
+        return (g, *_first_order_only((grad_t,), (ys, t), _SECOND_ORDER_TIME), None, None)  # `g` passes through
 
 
 def attach_time_gradients(

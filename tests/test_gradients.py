@@ -96,6 +96,34 @@ def test_second_order_through_first_order_methods_raises(gradient, loss):
         (gx.pow(2).sum() + out.sum()).backward()
 
 
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")  # torch's own advice, wanted here
+@pytest.mark.parametrize("gradient", ["adjoint", "checkpoint"])
+def test_second_order_through_autograd_grad_and_functional_raises(gradient):
+    """torch.autograd.grad with inputs=, functional.hessian and hvp run only the graph nodes on a
+    path to their inputs; the error must be on that path (they used to return zeros)."""
+    f = CountingF(dim=2)
+    y0 = torch.randn(1, 2, dtype=torch.float64)
+
+    def fn(y):
+        return odenet.odeint(f, y, [0.0, 0.5], solver="rk4", steps=3, gradient=gradient).ys[-1].square().sum()
+
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.functional.hessian(fn, y0)
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.functional.hvp(fn, y0, torch.ones_like(y0))
+    y = y0.clone().requires_grad_()
+    (gy,) = torch.autograd.grad(fn(y), y, create_graph=True)
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad(gy.square().sum(), tuple(f.parameters()))
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad(gy.square().sum(), y)
+    # create_graph=True alone, then an optimiser step on the values: still fine
+    opt = torch.optim.SGD(f.parameters(), lr=0.0)
+    fn(y).backward(create_graph=True)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def test_second_order_time_gradient_raises():
     """A time gradient is computed outside the graph; differentiating it again raises. The
     state's gradient still differentiates twice with gradient='direct' while t requires grad."""
@@ -108,6 +136,8 @@ def test_second_order_time_gradient_raises():
     assert torch.isfinite(hvp).all() and hvp.abs().sum() > 0
     with pytest.raises(RuntimeError, match="output times t are first order under every gradient method"):
         g_t.sum().backward()
+    with pytest.raises(RuntimeError, match="output times t are first order"):
+        torch.autograd.grad(g_t.sum(), t)
 
 
 class _Conditioned(torch.nn.Module):
