@@ -22,7 +22,7 @@ first order: differentiating their results again raises (``_first_order_only``)
 instead of silently giving zero. The adjoint and checkpoint differentiate the
 state and ``params`` only; by default (``params`` the parameters of ``f``) their
 backward raises if ``f`` uses another tensor that requires grad
-(``_untracked_input``), which would otherwise get no gradient.
+(``_untracked_inputs``), which would otherwise get no gradient.
 """
 
 from __future__ import annotations
@@ -106,8 +106,8 @@ def _first_order_only(grads: tuple, anchors: Sequence[Tensor], message: bytes = 
     return tuple(out)
 
 
-def _untracked_input(out: Tensor, inputs: Sequence[Tensor], limit: int = 10_000) -> Optional[Tensor]:
-    """A leaf tensor requiring grad that `out`'s graph reaches other than through `inputs`.
+def _untracked_inputs(out: Tensor, inputs: Sequence[Tensor], limit: int = 10_000) -> List[Tensor]:
+    """The leaf tensors requiring grad that `out`'s graph reaches other than through `inputs`.
 
     The adjoint and checkpoint methods return gradients for their inputs only (the state and
     the parameters of `f`); anything else `f` uses that requires grad, such as a context
@@ -115,33 +115,44 @@ def _untracked_input(out: Tensor, inputs: Sequence[Tensor], limit: int = 10_000)
     the graph of one evaluation of `f`, stopping at `inputs` (and after `limit` nodes).
     """
     if out.grad_fn is None:
-        return None
+        return []
     leaves = {id(x) for x in inputs if x.grad_fn is None}
     stops = {id(x.grad_fn): x.grad_fn for x in inputs if x.grad_fn is not None}  # kept alive, as below
     # Visited nodes are kept (values of `seen`): a node's Python object can be freed once
     # dropped, and its id() reused by the next one.
     seen = {id(out.grad_fn): out.grad_fn}
     queue = collections.deque([out.grad_fn])
+    found: List[Tensor] = []
     while queue and len(seen) < limit:
         node = queue.popleft()
         variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf that requires grad
         if variable is not None:
             if id(variable) not in leaves:
-                return variable
+                found.append(variable)
             continue
         for nxt, _ in node.next_functions:
             if nxt is not None and id(nxt) not in seen and id(nxt) not in stops:
                 seen[id(nxt)] = nxt
                 queue.append(nxt)
-    return None
+    return found
 
 
-def _check_tracked(out: Tensor, inputs: Sequence[Tensor], method: str) -> None:
-    found = _untracked_input(out, inputs)
-    if found is not None:
+def _check_tracked(out: Tensor, inputs: Sequence[Tensor], method: str, again: Callable[[], Tensor]) -> None:
+    """Raise if `f` (evaluated as `out`) uses a tensor that requires grad from outside `inputs`.
+
+    A leaf that `f` makes afresh at every call (`x = y.detach().requires_grad_()` to take an
+    energy's gradient) is `f`'s own; only a leaf found again in a second evaluation, `again()`
+    (made only when the first walk finds something), is a tensor `f` uses from outside.
+    """
+    found = _untracked_inputs(out, inputs)
+    if not found:
+        return
+    second = _untracked_inputs(again(), inputs)
+    kept = [x for x in found if any(x is y for y in second)]
+    if kept:
         raise RuntimeError(
             f"odenet: f's result depends on a tensor that requires grad but is neither the state nor a "
-            f"parameter of f (a leaf of shape {list(found.shape)} in its graph), and gradient={method!r} "
+            f"parameter of f (a leaf of shape {list(kept[0].shape)} in its graph), and gradient={method!r} "
             "cannot give it a gradient: typically a context computed outside f and stored on it, or a "
             "tensor f closes over. Use "
             "gradient='direct'; or make it part of the state (concatenate it to y0, with f returning "
@@ -202,7 +213,7 @@ class _AdjointFn(torch.autograd.Function):
                     # requires_grad on its t (FFJORD does), which makes t a leaf of the graph.
                     tt = t if isinstance(t, Tensor) else torch.scalar_tensor(t, dtype=y.dtype, device=y.device)
                     fy = fc(tt, y)
-                    _check_tracked(fy, (y, tt, *box.params), "adjoint")
+                    _check_tracked(fy, (y, tt, *box.params), "adjoint", lambda: fc(tt, y))
                     unchecked[0] = False
                 else:
                     fy = fc(t, y)
@@ -298,7 +309,7 @@ class _CheckpointFn(torch.autograd.Function):
                 if check:  # the first stage evaluated here, with its time tensor known (as above)
                     t0 = torch.scalar_tensor(rec.t, dtype=yn.dtype, device=yn.device)
                     k1 = fc(t0, yn)
-                    _check_tracked(k1, (yn, t0, *box.params), "checkpoint")
+                    _check_tracked(k1, (yn, t0, *box.params), "checkpoint", lambda: fc(t0, yn))
                     check = False
                 step = solver.step(fc, rec.t, yn, rec.h, k1, with_error=False, last_stage=dense)
                 outs = [step.y1]

@@ -428,7 +428,10 @@ def odeint(
       `[t[0], t[-1]]`, or the largest step (the grid is the uniform one with the fewest steps not
       exceeding it). With neither, one step per interval of `t`. An error for adaptive solvers.
     - `first_step`: initial step size (default: chosen from `f` at `y0`, one extra evaluation).
-    - `min_step`: smallest step size allowed; below it the solve fails with step size underflow.
+    - `min_step`: smallest step size allowed: the solve fails with step size underflow when a
+      rejected step, or an accepted step after which the controller shrinks the step, leaves
+      the next step below it. An automatically chosen first step may start below `min_step`
+      and grow (give `first_step` to start at or above it).
     - `max_steps`: most steps (accepted plus rejected) before failing (default 10,000). With
       `backend="torchdiffeq"` it is torchdiffeq's `max_num_steps`, which counts per output
       interval, so a solve with many output times can take many more steps in all.
@@ -444,8 +447,9 @@ def odeint(
     - `adjoint_params`: tensors to differentiate with `adjoint`/`checkpoint` (default: the
       parameters of `f` when it is an `nn.Module`). With the default, `backward()` raises if `f`
       uses another tensor that requires grad, which those two methods could not give a
-      gradient (a context stored on `f`, a tensor it closes over); given explicitly, other
-      tensors get no gradient, unchecked, as always with `backend="torchdiffeq"`.
+      gradient (a context stored on `f`, a tensor it closes over), as far as one evaluation of
+      `f` at the last output time shows; given explicitly, other tensors get no gradient,
+      unchecked, as always with `backend="torchdiffeq"`.
     - `backend`: `"odenet"` or `"torchdiffeq"` (runs the same call through torchdiffeq, which also
       accepts its other method names).
     - `throw`: raise `odenet.SolverError` on solver failure (default); with `False` return the

@@ -109,6 +109,8 @@ def test_unknown_keywords_name_the_block_and_the_closest_setting():
         odenet.swap_blocks(odenet.ResBlock(f), solver="dopri5", max_step=10)
     with pytest.raises(TypeError, match="keeps each block's own interval"):
         odenet.swap_blocks(odenet.ResBlock(f), solver="dopri5", t0=0.0)
+    with pytest.raises(TypeError, match="takes no adjoint_params: blocks differentiate the parameters of f"):
+        odenet.ODEBlock(f, gradient="adjoint", adjoint_params=list(f.parameters()))
     model = nn.Sequential(odenet.ResBlock(f))
     with pytest.raises(TypeError):
         odenet.swap_blocks(model, solver="dopri5", rtl=1e-3)

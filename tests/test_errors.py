@@ -212,6 +212,13 @@ def test_torchdiffeq_backend_max_steps():
     assert "nan" not in str(info.value)  # torchdiffeq does not say where it stopped; neither do we
 
 
+def test_underflow_message_gives_the_step_size_unsigned():
+    """Integrating backwards, h is negative; the message reports the step's size."""
+    sol = odenet.odeint(lambda t, y: -(y**2), torch.ones(1, dtype=torch.float64), [0.0, -2.0], min_step=1e-3, throw=False)
+    assert sol.status is odenet.Status.STEP_UNDERFLOW
+    assert "fell to -" not in sol.message and "fell to 0.000" in sol.message, sol.message
+
+
 def test_messages_leave_out_unknown_time_and_step():
     for status in (odenet.Status.MAX_STEPS, odenet.Status.STEP_UNDERFLOW, odenet.Status.NONFINITE):
         assert "nan" not in status.message() and "nan" not in status.message(fixed=True)

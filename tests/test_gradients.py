@@ -206,6 +206,35 @@ def test_f_that_sets_requires_grad_on_t_is_not_an_untracked_input(gradient):
 
 
 @pytest.mark.parametrize("gradient", ["adjoint", "checkpoint"])
+def test_leaf_f_makes_itself_is_not_an_untracked_input(gradient):
+    """An energy-based f takes its energy's gradient at a leaf it makes from the state at every
+    call (x = y.detach().requires_grad_()); that leaf is f's own, not a tensor from outside.
+    The gradients of f's parameters are direct's (the state's gradient through f is cut by the
+    detach under every method)."""
+
+    class Energy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor([[0.8, -0.3], [0.2, 1.1]], dtype=torch.float64))
+
+        def forward(self, t, y):
+            with torch.enable_grad():
+                x = y.detach().requires_grad_()
+                energy = (torch.tanh(x @ self.w) ** 2).sum()
+                (dx,) = torch.autograd.grad(energy, x, create_graph=True)
+            return -dx
+
+    f = Energy()
+    y0 = torch.randn(3, 2, dtype=torch.float64)
+    grads = {}
+    for g in ("direct", gradient):
+        out = odenet.odeint(f, y0, [0.0, 1.0], solver="rk4", steps=10, gradient=g).ys[-1]
+        grads[g] = torch.autograd.grad(out.square().sum(), f.w)[0]
+    tol = 1e-12 if gradient == "checkpoint" else 1e-3  # the adjoint: the ODE's gradient
+    torch.testing.assert_close(grads[gradient], grads["direct"], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "checkpoint"])
 def test_input_check_under_saved_tensor_hooks(gradient):
     """Under saved-tensor hooks (activation measurements, offloading) the saved parameters
     unpack as other objects; f's own parameters must still be recognised as such."""

@@ -53,7 +53,7 @@ class Status(enum.Enum):
             )
         if self is Status.STEP_UNDERFLOW:
             limit = f"min_step={min_step:.3g}" if min_step else "the floating-point resolution of t"
-            size = f" to {h:.3g}" if math.isfinite(h) else ""
+            size = f" to {abs(h):.3g}" if math.isfinite(h) else ""  # a size: unsigned
             return (
                 f"The step size fell{size}{at}, below {limit}. The problem is probably "
                 "stiff or f blows up near this t: loosen rtol/atol, lower min_step, use float64, or "
