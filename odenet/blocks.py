@@ -47,7 +47,9 @@ def _check_keywords(owner: str, given, allowed) -> None:
         if key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise TypeError(f"{owner} got an unexpected keyword argument {key!r}.{hint} It takes: {', '.join(sorted(allowed))}.")
+            raise TypeError(
+                f"{owner} got an unexpected keyword argument {key!r}.{hint} It takes: {', '.join(sorted(allowed))}."
+            )
 
 
 class ResBlock(nn.Module):
@@ -287,8 +289,8 @@ def swap_blocks(model: nn.Module, solver: Union[str, ExplicitRK] = "dopri5", **k
     `solver="euler", steps=1` (and nothing else) blocks become `ResBlock`s; anything else gives
     `ODEBlock(f, solver, t0, t1, **kwargs)`. The same `f` module (same parameters) is used, so
     the model trains and evaluates under either form. Each new block keeps the training/eval
-    mode of the block it replaces (`f` keeps its own, submodules included). The model is modified in place and returned; if `model`
-    itself is a block, the new block is returned.
+    mode of the block it replaces (`f` keeps its own, submodules included). The model is
+    modified in place and returned; if `model` itself is a block, the new block is returned.
 
     **Arguments:**
 
