@@ -38,7 +38,7 @@ def _check_time(name: str, value) -> float:
 def _check_keywords(owner: str, given, allowed) -> None:
     """An unknown keyword names `owner` (not an internal function) and the closest allowed one."""
     for key in given:
-        if key == "adjoint_params" and "adjoint_rtol" in allowed:
+        if key == "adjoint_params":
             raise TypeError(
                 f"{owner} takes no adjoint_params: blocks differentiate the parameters of f. For "
                 "other tensors f uses, make them parameters of f, use gradient='direct', or call "

@@ -201,20 +201,21 @@ class _AdjointFn(torch.autograd.Function):
         n_p = sum(sizes)
         dtype = ys.dtype
 
-        unchecked = [box.params is not None]
+        check = box.params is not None  # on the first evaluation only
 
         def f_aug(t: float, z: Tensor) -> Tensor:
+            nonlocal check
             y = z[:n].view(shape)
             a = z[n : 2 * n].view(shape)
             with torch.enable_grad():
                 y = y.detach().requires_grad_(True)
-                if unchecked[0]:
+                if check:
                     # The time tensor is made here so that the walk knows it: f may set
                     # requires_grad on its t (FFJORD does), which makes t a leaf of the graph.
                     tt = t if isinstance(t, Tensor) else torch.scalar_tensor(t, dtype=y.dtype, device=y.device)
                     fy = fc(tt, y)
                     _check_tracked(fy, (y, tt, *box.params), "adjoint", lambda: fc(tt, y))
-                    unchecked[0] = False
+                    check = False
                 else:
                     fy = fc(t, y)
                 if fy.requires_grad:
@@ -352,11 +353,12 @@ def run_solve(
         res = integrate(fc, y0, ts, solver, **loop_kw)
         return torch.stack(res.ys), res
     params = tuple(params)
+    tracked = params if check_inputs else None
     if gradient == "adjoint":
-        box = _Box(fc, ts, solver, loop_kw, adjoint, params if check_inputs else None)
+        box = _Box(fc, ts, solver, loop_kw, adjoint, tracked)
         ys = _AdjointFn.apply(box, y0, *params)
     elif gradient == "checkpoint":
-        box = _Box(fc, ts, solver, loop_kw, {}, params if check_inputs else None)
+        box = _Box(fc, ts, solver, loop_kw, {}, tracked)
         ys = _CheckpointFn.apply(box, y0, *params)
     else:  # validated by the caller
         raise ValueError(f"Unknown gradient method {gradient!r}; choose one of {GRADIENTS}.")

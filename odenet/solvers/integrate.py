@@ -48,27 +48,22 @@ def _autocast_takes_device() -> bool:
 _AUTOCAST_TAKES_DEVICE = _autocast_takes_device()
 
 
-def autocast_active(device_type: str) -> bool:
-    """Whether `torch.autocast` is on for `device_type` here (for torch 2.2 and later)."""
-    if device_type == "cpu":
-        return torch.is_autocast_enabled("cpu") if _AUTOCAST_TAKES_DEVICE else torch.is_autocast_cpu_enabled()
-    if device_type == "cuda":
-        return torch.is_autocast_enabled("cuda") if _AUTOCAST_TAKES_DEVICE else torch.is_autocast_enabled()
-    if _AUTOCAST_TAKES_DEVICE and device_type in ("xpu", "mps", "hpu"):
-        try:
-            return torch.is_autocast_enabled(device_type)
-        except RuntimeError:  # not an autocast device in this build
-            return False
-    return False  # meta, and devices autocast does not cover
-
-
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The lower precision `torch.autocast` computes in for `device_type` here, or `None` if off."""
-    if not autocast_active(device_type):
+    """The lower precision `torch.autocast` computes in for `device_type` here, or `None` if it
+    is off (for torch 2.2 and later)."""
+    if not _AUTOCAST_TAKES_DEVICE:  # torch < 2.4: one flag and dtype each for the CPU and CUDA
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        if device_type == "cuda":
+            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
         return None
-    if _AUTOCAST_TAKES_DEVICE and hasattr(torch, "get_autocast_dtype"):
-        return torch.get_autocast_dtype(device_type)
-    return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+    if device_type not in ("cpu", "cuda", "xpu", "mps", "hpu"):
+        return None  # meta, and devices autocast does not cover
+    try:
+        on = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # not an autocast device in this build
+        return None
+    return torch.get_autocast_dtype(device_type) if on else None
 
 
 class CountedFunc:
