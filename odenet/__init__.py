@@ -6,6 +6,8 @@ from . import measure, plotting, solvers
 from .augment import Augment
 from .regularization import RNODE
 from .blocks import ODEBlock, ResBlock, swap_blocks
+from .gradients import Adjoint, Checkpoint, Direct
+from .solvers.control import Adaptive, Fixed
 from .dynamics import ConvDynamics, MLPDynamics
 from .odeint import odeint
 from .solution import Solution, SolveStats, SolverError, Status
@@ -23,6 +25,11 @@ __all__ = [
     "__version__",
     "SOLVERS",
     "odeint",
+    "Fixed",
+    "Adaptive",
+    "Direct",
+    "Adjoint",
+    "Checkpoint",
     "Solution",
     "SolveStats",
     "SolverError",

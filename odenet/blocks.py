@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import math
 import numbers
 from typing import Optional, Sequence, Union
@@ -11,9 +9,12 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .odeint import SolveOptions, make_options, solve_with_options
+from .gradients import GradientMethod
+from .odeint import solve_with_options
+from .options import SHORTHAND, SolveOptions, check_keywords, options_from
 from .regularization import RNODE, solve_regularized
 from .solution import Solution
+from .solvers.control import Adaptive, Fixed
 from .solvers.rk import ExplicitRK
 from .solvers.stats import SolveStats
 
@@ -35,21 +36,28 @@ def _check_time(name: str, value) -> float:
     return float(value)
 
 
+#: ODEBlock's default tolerances for adaptive solvers: a training setting (as in Chen et al. 2018).
+BLOCK_TOL = (1e-3, 1e-3)
+
+# What a block's keywords may be, besides t0/t1, solver, control and gradient.
+_BLOCK_KEYWORDS = frozenset((*SHORTHAND, "t0", "t1", "control", "gradient", "backend", "throw", "regularization"))
+
+
 def _check_keywords(owner: str, given, allowed) -> None:
-    """An unknown keyword names `owner` (not an internal function) and the closest allowed one."""
-    for key in given:
-        if key == "adjoint_params":
-            raise TypeError(
-                f"{owner} takes no adjoint_params: blocks differentiate the parameters of f. For "
-                "other tensors f uses, make them parameters of f, use gradient='direct', or call "
-                "odenet.odeint(f, x, t, gradient=..., adjoint_params=...) yourself."
-            )
-        if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise TypeError(
-                f"{owner} got an unexpected keyword argument {key!r}.{hint} It takes: {', '.join(sorted(allowed))}."
-            )
+    if "adjoint_params" in given:
+        raise TypeError(
+            f"{owner} takes no adjoint_params: blocks differentiate the parameters of f. For "
+            "other tensors f uses, make them parameters of f, use gradient='direct', or call "
+            "odenet.odeint(f, x, t, gradient=..., adjoint_params=...) yourself."
+        )
+    check_keywords(owner, given, allowed)
+
+
+def block_options(solver, control, gradient, settings: dict) -> SolveOptions:
+    """A block's `SolveOptions` from its arguments (`settings`: backend, throw and the shorthand)."""
+    shorthand = {k: v for k, v in settings.items() if k in SHORTHAND}
+    return options_from(solver, control, gradient, settings.get("backend", "odenet"), settings.get("throw", True),
+                        default_tol=BLOCK_TOL, **shorthand)
 
 
 class ResBlock(nn.Module):
@@ -115,32 +123,36 @@ class ODEBlock(nn.Module):
     - `f`: the dynamics, an `nn.Module` with `forward(t, x)`.
     - `solver`: a name from `odenet.SOLVERS` or a solver object (default `"dopri5"`).
     - `t0`, `t1`: integration interval (default 0 to 1).
-    - `steps`, `step_size`: fixed-step solvers only (`steps=N` with `solver="euler"` is N
-      weight-tied ResBlocks with `h = (t1 - t0)/N`).
-    - `rtol`, `atol`: adaptive solvers only; default `1e-3` each for blocks (a training
-      setting, as in Chen et al. 2018), unlike `odeint`'s `1e-7`/`1e-9`.
-    - `gradient`: `"direct"`, `"adjoint"` or `"checkpoint"` (see `odenet.odeint`).
+    - `control`: `odenet.Fixed(...)` or `odenet.Adaptive(...)`, as in `odenet.odeint`. Blocks'
+      default for adaptive solvers is `Adaptive(rtol=1e-3, atol=1e-3)` (a training setting, as
+      in Chen et al. 2018), unlike `odeint`'s `1e-7`/`1e-9`. `Fixed(steps=N)` with
+      `solver="euler"` is N weight-tied ResBlocks with `h = (t1 - t0)/N`.
+    - `gradient`: `odenet.Direct()`, `odenet.Adjoint(...)`, `odenet.Checkpoint()`, or their
+      names (see `odenet.odeint`).
     - `regularization`: an `odenet.RNODE` (default `None`). In training mode `forward` then
       also integrates the kinetic energy / Jacobian norm along the trajectory and stores the
       weighted term, a differentiable scalar, in `last_regularization` (add it to the loss).
-      In eval mode, and in `solve`/`trajectory`, the plain ODE is solved and
-      `last_regularization` is `None`.
-    - `**kwargs`: further keyword arguments (`first_step`, `min_step`, `max_steps`, `controller`,
-      `adjoint_rtol`, `adjoint_atol`, `adjoint_seminorm`, `backend`, `throw`) as in `odenet.odeint`.
+      In eval mode, and in `solve`/`trajectory`, the plain ODE is solved.
+    - `**settings`: `backend`, `throw`, and the flat shorthand of `odenet.odeint` (`rtol`,
+      `atol`, `steps`, `step_size`, `first_step`, `min_step`, `max_steps`, `controller`,
+      `adjoint_rtol`, `adjoint_atol`, `adjoint_seminorm`).
 
-    Settings are validated here, so a bad combination fails at construction. After each
-    call, `last_stats` holds the `odenet.SolveStats` of that solve (its backward counts fill
-    in when `backward()` runs).
+    Settings are checked here, so a bad combination fails at construction; the block keeps
+    them as `options` (also readable as `solver`, `control`, `gradient`). After each call,
+    `last_stats` holds the `odenet.SolveStats` of that solve (its backward counts fill in
+    when `backward()` runs).
 
-    **Raises:** `ValueError`/`TypeError` for a bad setting or combination (as `odenet.odeint`
-    would raise it, naming the value and the fix), `t0 == t1`, an `f` that is not an
-    `nn.Module`, or a `regularization` that is not an `odenet.RNODE`.
+    **Raises:** `ValueError`/`TypeError` for a bad setting or combination (naming the value and
+    the fix), `t0 == t1`, an `f` that is not an `nn.Module`, or a `regularization` that is not
+    an `odenet.RNODE`.
 
     **Example:**
 
     ```python
     f = odenet.MLPDynamics(dim=2, hidden=32)
-    block = odenet.ODEBlock(f, solver="dopri5", rtol=1e-3, atol=1e-3, gradient="adjoint")
+    block = odenet.ODEBlock(f, solver="dopri5", control=odenet.Adaptive(rtol=1e-3, atol=1e-3),
+                            gradient=odenet.Adjoint())
+    same = odenet.ODEBlock(f, solver="dopri5", rtol=1e-3, atol=1e-3, gradient="adjoint")
     y = block(torch.randn(16, 2))
     block.last_stats.nfe_forward
     ys = block.trajectory(torch.randn(16, 2), torch.linspace(0, 1, 20))  # [20, 16, 2]
@@ -154,13 +166,10 @@ class ODEBlock(nn.Module):
         *,
         t0: float = 0.0,
         t1: float = 1.0,
-        steps: Optional[int] = None,
-        step_size: Optional[float] = None,
-        rtol: Optional[float] = None,
-        atol: Optional[float] = None,
-        gradient: str = "direct",
+        control: Union[Fixed, Adaptive, None] = None,
+        gradient: Union[str, GradientMethod] = "direct",
         regularization: Optional[RNODE] = None,
-        **kwargs,
+        **settings,
     ):
         super().__init__()
         _check_dynamics(f)
@@ -169,7 +178,7 @@ class ODEBlock(nn.Module):
                 f"regularization must be an odenet.RNODE or None, got {type(regularization).__name__}; "
                 "e.g. regularization=odenet.RNODE(kinetic=0.01, jacobian=0.01)."
             )
-        _check_keywords("ODEBlock", kwargs, _BLOCK_KEYWORDS)
+        _check_keywords("ODEBlock", settings, _BLOCK_KEYWORDS)
         self.regularization = regularization
         self.last_regularization: Optional[Tensor] = None
         self.f = f
@@ -177,24 +186,22 @@ class ODEBlock(nn.Module):
         self.t1 = _check_time("t1", t1)
         if self.t0 == self.t1:
             raise ValueError(f"t0 and t1 must differ, got t0 = t1 = {self.t0}.")
-        probe = make_options(solver, backend=kwargs.get("backend", "odenet"))
-        if probe.adaptive:
-            rtol = 1e-3 if rtol is None else rtol
-            atol = 1e-3 if atol is None else atol
-        self.options: SolveOptions = make_options(
-            solver, rtol=rtol, atol=atol, steps=steps, step_size=step_size, gradient=gradient, **kwargs
-        )
+        self.options: SolveOptions = block_options(solver, control, gradient, settings)
         self.last_stats: Optional[SolveStats] = None
 
-    # convenient read-only views of the settings
     @property
     def solver(self):
         """The solver object (an `odenet.solvers.ExplicitRK`), or its name with the torchdiffeq backend."""
         return self.options.solver
 
     @property
-    def gradient(self) -> str:
-        """The gradient method: `"direct"`, `"adjoint"` or `"checkpoint"`."""
+    def control(self) -> Union[Fixed, Adaptive]:
+        """The step control: `odenet.Fixed` or `odenet.Adaptive`."""
+        return self.options.control
+
+    @property
+    def gradient(self) -> GradientMethod:
+        """The gradient method: `odenet.Direct()`, `odenet.Adjoint(...)` or `odenet.Checkpoint()`."""
         return self.options.gradient
 
     def solve(self, x: Tensor, t: Optional[Union[Tensor, Sequence[float]]] = None) -> Solution:
@@ -255,25 +262,12 @@ class ODEBlock(nn.Module):
         return state
 
     def extra_repr(self) -> str:
-        """**Returns:** the settings shown by `repr(block)`, e.g. `"solver='dopri5', t0=0, t1=1, ..."`."""
         o = self.options
-        parts = [f"solver={o.solver_name!r}", f"t0={self.t0:g}", f"t1={self.t1:g}"]
-        if o.adaptive:
-            parts += [f"rtol={o.rtol:g}", f"atol={o.atol:g}"]
-        elif o.steps is not None:
-            parts.append(f"steps={o.steps}")
-        elif o.step_size is not None:
-            parts.append(f"step_size={o.step_size:g}")
-        parts.append(f"gradient={o.gradient!r}")
+        parts = [f"solver={o.solver_name!r}", f"t0={self.t0:g}", f"t1={self.t1:g}", f"control={o.control!r}",
+                 f"gradient={o.gradient!r}"]
         if o.backend != "odenet":
             parts.append(f"backend={o.backend!r}")
         return ", ".join(parts)
-
-
-_BLOCK_KEYWORDS = frozenset(
-    k for k in (*inspect.signature(ODEBlock.__init__).parameters, *inspect.signature(make_options).parameters)
-    if k not in ("self", "f", "solver", "kwargs")
-)
 
 
 def _interval(block: nn.Module):
@@ -317,9 +311,10 @@ def swap_blocks(model: nn.Module, solver: Union[str, ExplicitRK] = "dopri5", **k
             "ODEBlock), so it takes no t0/t1; set them on the blocks after swapping."
         )
     _check_keywords("swap_blocks", kwargs, _BLOCK_KEYWORDS - {"t0", "t1"})
-    to_res = isinstance(solver, str) and solver == "euler" and kwargs.get("steps") == 1 and set(kwargs) <= {"steps"}
-    if not to_res:  # fail before changing anything
-        make_options(solver, **{k: v for k, v in kwargs.items() if k not in ("t0", "t1", "regularization")})
+    # Checked before anything changes.
+    opts = block_options(solver, kwargs.get("control"), kwargs.get("gradient", "direct"), kwargs)
+    to_res = (isinstance(solver, str) and solver == "euler" and opts.control == Fixed(steps=1)
+              and set(kwargs) <= {"steps", "control"})
 
     def convert(block: nn.Module) -> nn.Module:
         t0, t1 = _interval(block)

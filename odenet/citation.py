@@ -7,7 +7,9 @@ from typing import Dict, List, Optional, Tuple
 from torch import nn
 
 from .blocks import ODEBlock, ResBlock
-from .odeint import SolveOptions
+from .gradients import Adjoint, Checkpoint
+from .options import SolveOptions
+from .solvers.control import Adaptive
 from .solvers.controller import PIController
 from .solvers.rk import SOLVERS, ExplicitRK
 from .solvers.tableau import ButcherTableau
@@ -281,15 +283,16 @@ def _add_solver_name(
 
 
 def _add_options(c: _Collector, opts: SolveOptions, where: str = "") -> None:
+    controller = opts.control.controller if isinstance(opts.control, Adaptive) else None
     if isinstance(opts.solver, ExplicitRK):
-        _add_tableau(c, opts.solver.tableau, opts.solver.adaptive, where, opts.controller)
+        _add_tableau(c, opts.solver.tableau, opts.solver.adaptive, where, controller)
     else:
-        _add_solver_name(c, opts.solver, where, backend=opts.backend, controller=opts.controller)
-    if opts.gradient == "adjoint":
+        _add_solver_name(c, opts.solver, where, backend=opts.backend, controller=controller)
+    if isinstance(opts.gradient, Adjoint):
         c.add("chen2018", f"gradient='adjoint'{where}")
-        if opts.adjoint_seminorm:
+        if opts.gradient.seminorm:
             c.add("kidger2021", f"adjoint_seminorm=True{where}")
-    elif opts.gradient == "checkpoint":
+    elif isinstance(opts.gradient, Checkpoint):
         c.add("gholami2019", f"gradient='checkpoint'{where}")
 
 

@@ -29,26 +29,87 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from typing import Callable, List, Optional, Sequence, Tuple
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from .solvers.control import Adaptive, Fixed, Option, positive
 from .solvers.integrate import CountedFunc, LoopResult, integrate, rms_norm
 from .solvers.rk import ExplicitRK
 from .solvers.stats import SolveStats
 from .solvers.status import SolverError, Status
 
-__all__ = ["GRADIENTS", "run_solve", "attach_time_gradients"]
+__all__ = ["Direct", "Adjoint", "Checkpoint", "GradientMethod", "GRADIENTS", "run_solve", "attach_time_gradients"]
 
-GRADIENTS = ("direct", "adjoint", "checkpoint")
+
+@dataclass(frozen=True, repr=False)
+class Direct(Option):
+    """Backpropagate through every operation of the solve: the exact gradient of the discrete
+    solution, to any order; activation memory grows with the number of steps.
+
+    **Example:** `odenet.ODEBlock(f, gradient=odenet.Direct())` (shorthand `gradient="direct"`).
+    """
+
+    name = "direct"
+
+
+@dataclass(frozen=True, repr=False)
+class Adjoint(Option):
+    """The continuous adjoint (Chen et al., 2018): O(1) activation memory in the number of
+    steps; the gradient is accurate to the backward solve's tolerances. First order only.
+
+    **Arguments:**
+
+    - `rtol`, `atol`: tolerances of the backward solve (default: the forward ones). Adaptive
+      solvers only: with fixed steps the backward solve runs on the forward grid.
+    - `seminorm`: leave the parameter-gradient part of the adjoint state out of error control
+      (Kidger et al., 2021), which usually saves backward evaluations.
+
+    **Raises:** `TypeError`/`ValueError` for a non-positive tolerance or a non-bool `seminorm`.
+
+    **Example:**
+
+    ```python
+    block = odenet.ODEBlock(f, solver="dopri5", gradient=odenet.Adjoint(rtol=1e-4, atol=1e-6, seminorm=True))
+    ```
+    (shorthand: `gradient="adjoint", adjoint_rtol=1e-4, adjoint_atol=1e-6, adjoint_seminorm=True`)
+    """
+
+    rtol: Optional[float] = None
+    atol: Optional[float] = None
+    seminorm: bool = False
+    name = "adjoint"
+
+    def __post_init__(self):
+        object.__setattr__(self, "rtol", positive("adjoint rtol", self.rtol))
+        object.__setattr__(self, "atol", positive("adjoint atol", self.atol))
+        if not isinstance(self.seminorm, bool):
+            raise TypeError(f"adjoint seminorm must be True or False, got {self.seminorm!r}.")
+
+
+@dataclass(frozen=True, repr=False)
+class Checkpoint(Option):
+    """Keep the state at each step boundary and recompute one step at a time in backward: the
+    same gradient as `Direct` (first order), with memory of one state per step.
+
+    **Example:** `odenet.ODEBlock(f, gradient=odenet.Checkpoint())` (shorthand `gradient="checkpoint"`).
+    """
+
+    name = "checkpoint"
+
+
+GradientMethod = Union[Direct, Adjoint, Checkpoint]
+GRADIENTS = {cls.name: cls for cls in (Direct, Adjoint, Checkpoint)}
 
 
 class _Box:
     """Non-tensor arguments handed through an autograd.Function (and its result back)."""
 
-    def __init__(self, fc: CountedFunc, ts: List[float], solver: ExplicitRK, loop_kw: dict, adjoint: dict,
-                 params: Optional[Tuple[Tensor, ...]]):
+    def __init__(self, fc: CountedFunc, ts: List[float], solver: ExplicitRK, control: Union[Fixed, Adaptive],
+                 gradient: GradientMethod, params: Optional[Tuple[Tensor, ...]]):
         self.fc = fc
         # With `params`, backward looks for tensors f uses other than the state and these (once).
         # The objects themselves: what ctx.saved_tensors unpacks need not be them under
@@ -56,8 +117,8 @@ class _Box:
         self.params = params
         self.ts = ts
         self.solver = solver
-        self.loop_kw = loop_kw
-        self.adjoint = adjoint
+        self.control = control
+        self.gradient = gradient
         # The autocast the forward ran in, (dtype, cache_enabled), or None: checkpoint's
         # backward recomputes f inside the same one, as torch.utils.checkpoint does.
         self.autocast = (fc.autocast, torch.is_autocast_cache_enabled()) if fc.autocast is not None else None
@@ -177,13 +238,55 @@ def _adjoint_norm(n: int, seminorm: bool, n_params: int) -> Callable[[Tensor], T
     return norm
 
 
+def _augmented_dynamics(box: _Box, shape: torch.Size, params: Sequence[Tensor]) -> Callable[[float, Tensor], Tensor]:
+    """The adjoint system on the flat state `z = [y, a, a_θ]`: `dz/dt = [f, -a·∂f/∂y, -a·∂f/∂θ]`."""
+    fc, n = box.fc, shape.numel()
+    check = box.params is not None  # on the first evaluation only
+
+    def f_aug(t: float, z: Tensor) -> Tensor:
+        nonlocal check
+        a = z[n : 2 * n].view(shape)
+        with torch.enable_grad():
+            y = z[:n].view(shape).detach().requires_grad_(True)
+            if check:
+                # The time tensor is made here so that the walk knows it: f may set
+                # requires_grad on its t (FFJORD does), which makes t a leaf of the graph.
+                tt = torch.scalar_tensor(t, dtype=y.dtype, device=y.device)
+                fy = fc(tt, y)
+                _check_tracked(fy, (y, tt, *box.params), "adjoint", lambda: fc(tt, y))
+                check = False
+            else:
+                fy = fc(t, y)
+            vjps = (None,) * (1 + len(params))
+            if fy.requires_grad:
+                vjps = torch.autograd.grad(fy, (y, *params), -a, allow_unused=True)
+        parts = [fy.detach().reshape(-1)]
+        for v, ref in zip(vjps, (y, *params)):
+            parts.append(z.new_zeros(ref.numel()) if v is None else v.reshape(-1).to(z.dtype))
+        return torch.cat(parts)
+
+    return f_aug
+
+
+def _backward_control(box: _Box, seg: List[float]) -> Tuple[Union[Fixed, Adaptive], Optional[List[float]]]:
+    """Step control of the adjoint's solve over `seg` (backward in time): the forward one with
+    the adjoint's tolerances, or the forward grid's points inside `seg`."""
+    control, gradient = box.control, box.gradient
+    if isinstance(control, Adaptive):
+        rtol, atol = gradient.rtol or control.rtol, gradient.atol or control.atol
+        return dataclasses.replace(control, rtol=rtol, atol=atol), None
+    lo, hi = min(seg), max(seg)
+    inner = [x for x in reversed(control.grid(box.ts)) if lo < x < hi]
+    return control, [seg[0], *inner, seg[1]]
+
+
 class _AdjointFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, box: _Box, y0: Tensor, *params: Tensor) -> Tensor:
         with torch.no_grad():
             # A detached start: f may differentiate with respect to its input (RNODE, FFJORD),
             # which fails on a tensor that only looks like a graph leaf under no_grad.
-            res = integrate(box.fc, y0.detach(), box.ts, box.solver, **box.loop_kw)
+            res = integrate(box.fc, y0.detach(), box.ts, box.solver, box.control, stats=box.fc.stats)
         box.result = res
         ys = torch.stack(res.ys)
         ctx.box = box
@@ -194,79 +297,39 @@ class _AdjointFn(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         box: _Box = ctx.box
         ys, *params = ctx.saved_tensors
-        fc, ts, opts = box.fc, box.ts, box.adjoint
-        shape = ys.shape[1:]
-        n = ys[0].numel()
-        sizes = [p.numel() for p in params]
-        n_p = sum(sizes)
-        dtype = ys.dtype
-
-        check = box.params is not None  # on the first evaluation only
-
-        def f_aug(t: float, z: Tensor) -> Tensor:
-            nonlocal check
-            y = z[:n].view(shape)
-            a = z[n : 2 * n].view(shape)
-            with torch.enable_grad():
-                y = y.detach().requires_grad_(True)
-                if check:
-                    # The time tensor is made here so that the walk knows it: f may set
-                    # requires_grad on its t (FFJORD does), which makes t a leaf of the graph.
-                    tt = t if isinstance(t, Tensor) else torch.scalar_tensor(t, dtype=y.dtype, device=y.device)
-                    fy = fc(tt, y)
-                    _check_tracked(fy, (y, tt, *box.params), "adjoint", lambda: fc(tt, y))
-                    check = False
-                else:
-                    fy = fc(t, y)
-                if fy.requires_grad:
-                    vjps = torch.autograd.grad(fy, (y, *params), -a, allow_unused=True)
-                else:
-                    vjps = (None,) * (1 + len(params))
-            parts = [fy.detach().reshape(-1)]
-            for v, ref in zip(vjps, (y, *params)):
-                parts.append(torch.zeros(ref.numel(), dtype=dtype, device=z.device) if v is None else v.reshape(-1).to(dtype))
-            return torch.cat(parts)
-
+        ts, shape, n = box.ts, ys.shape[1:], ys[0].numel()
+        f_aug = _augmented_dynamics(box, shape, params)
+        norm = _adjoint_norm(n, box.gradient.seminorm, len(params))
         bstats = SolveStats()
-        loop_kw = dict(box.loop_kw)
-        loop_kw.update(
-            rtol=opts["rtol"], atol=opts["atol"], norm=_adjoint_norm(n, opts["seminorm"], n_p), stats=bstats, record=False
-        )
-        fwd_grid = box.loop_kw.get("grid")
-        a = g[-1]
-        ap = torch.zeros(n_p, dtype=dtype, device=ys.device)
+        a, ap = g[-1], ys.new_zeros(sum(p.numel() for p in params))
         try:
             with torch.no_grad():
                 for i in range(len(ts) - 1, 0, -1):
-                    z0 = torch.cat([ys[i].reshape(-1), a.reshape(-1), ap])
                     seg = [ts[i], ts[i - 1]]
-                    if not box.solver.adaptive:  # run backward over the forward grid's points
-                        lo, hi = min(seg), max(seg)
-                        inner = [x for x in reversed(fwd_grid) if lo < x < hi] if fwd_grid else []
-                        loop_kw["grid"] = [seg[0], *inner, seg[1]]
-                    res = integrate(f_aug, z0, seg, box.solver, **loop_kw)
+                    control, grid = _backward_control(box, seg)
+                    z0 = torch.cat([ys[i].reshape(-1), a.reshape(-1), ap])
+                    res = integrate(f_aug, z0, seg, box.solver, control, stats=bstats, grid=grid, norm=norm)
                     if res.status is not Status.SUCCESS:
-                        msg = res.status.message(res.t, res.h, loop_kw["max_steps"], loop_kw["min_step"],
-                                                 fixed=not box.solver.adaptive)
-                        raise SolverError(
-                            f"The adjoint (backward) solve from t={ts[i]:.6g} to t={ts[i - 1]:.6g} failed. {msg} "
-                            "For the adjoint you can also set adjoint_rtol/adjoint_atol, or use "
-                            "gradient='checkpoint'.",
-                            res.status,
-                            fc.stats,
-                        )
-                    z = res.ys[-1]
-                    a = z[n : 2 * n].view(shape) + g[i - 1]
-                    ap = z[2 * n :]
+                        raise _adjoint_failure(res, control, seg, box.fc.stats)
+                    a = res.ys[-1][n : 2 * n].view(shape) + g[i - 1]
+                    ap = res.ys[-1][2 * n :]
         finally:
-            fc.stats.n_accepted_backward += bstats.n_accepted
-            fc.stats.n_rejected_backward += bstats.n_rejected
-        grads_p = []
-        offset = 0
-        for p, size in zip(params, sizes):
-            grads_p.append(ap[offset : offset + size].view_as(p).to(p.dtype))
-            offset += size
+            box.fc.stats.n_accepted_backward += bstats.n_accepted
+            box.fc.stats.n_rejected_backward += bstats.n_rejected
+        grads_p, offset = [], 0
+        for p in params:
+            grads_p.append(ap[offset : offset + p.numel()].view_as(p).to(p.dtype))
+            offset += p.numel()
         return _first_order_only((None, a, *grads_p), (ys, *params))  # ys: its node leads to y0
+
+
+def _adjoint_failure(res: LoopResult, control, seg: List[float], stats: SolveStats) -> SolverError:
+    return SolverError(
+        f"The adjoint (backward) solve from t={seg[0]:.6g} to t={seg[1]:.6g} failed. {res.message(control)} "
+        "For the adjoint you can also set adjoint_rtol/adjoint_atol, or use gradient='checkpoint'.",
+        res.status,
+        stats,
+    )
 
 
 # ---------------------------------------------------------------------------- checkpoint
@@ -276,7 +339,7 @@ class _CheckpointFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, box: _Box, y0: Tensor, *params: Tensor) -> Tensor:
         with torch.no_grad():
-            res = integrate(box.fc, y0.detach(), box.ts, box.solver, record=True, **box.loop_kw)
+            res = integrate(box.fc, y0.detach(), box.ts, box.solver, box.control, stats=box.fc.stats, record=True)
         box.result = res
         ctx.box = box
         ctx.n_params = len(params)
@@ -339,30 +402,22 @@ def run_solve(
     y0: Tensor,
     ts: List[float],
     solver: ExplicitRK,
-    gradient: str,
-    loop_kw: dict,
+    control: Union[Fixed, Adaptive],
+    gradient: GradientMethod,
     params: Sequence[Tensor] = (),
-    adjoint: Optional[dict] = None,
     check_inputs: bool = True,
 ) -> Tuple[Tensor, LoopResult]:
     """Solve with the chosen gradient method; returns the stacked outputs `[len(ts), *y0.shape]`
     and the loop's result (status, final time and step). With `check_inputs`, the adjoint's and
     checkpoint's backward raise if `f` uses a tensor that requires grad other than the state
     and `params` (it would get no gradient); off where the caller chose `params` itself."""
-    if gradient == "direct":
-        res = integrate(fc, y0, ts, solver, **loop_kw)
+    if isinstance(gradient, Direct):
+        res = integrate(fc, y0, ts, solver, control, stats=fc.stats)
         return torch.stack(res.ys), res
     params = tuple(params)
-    tracked = params if check_inputs else None
-    if gradient == "adjoint":
-        box = _Box(fc, ts, solver, loop_kw, adjoint, tracked)
-        ys = _AdjointFn.apply(box, y0, *params)
-    elif gradient == "checkpoint":
-        box = _Box(fc, ts, solver, loop_kw, {}, tracked)
-        ys = _CheckpointFn.apply(box, y0, *params)
-    else:  # validated by the caller
-        raise ValueError(f"Unknown gradient method {gradient!r}; choose one of {GRADIENTS}.")
-    return ys, box.result
+    box = _Box(fc, ts, solver, control, gradient, params if check_inputs else None)
+    fn = _AdjointFn if isinstance(gradient, Adjoint) else _CheckpointFn
+    return fn.apply(box, y0, *params), box.result
 
 
 # ---------------------------------------------------------------------------- time gradients

@@ -25,7 +25,8 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .odeint import SolveOptions, solve_with_options
+from .odeint import solve_with_options
+from .options import SolveOptions
 from .solution import Solution
 
 __all__ = ["RNODE", "RegularizedSolution", "solve_regularized"]
@@ -114,10 +115,10 @@ class RegularizedSolution(NamedTuple):
     **Example:**
 
     ```python
-    from odenet.odeint import make_options
+    from odenet.options import SolveOptions
 
     f = odenet.MLPDynamics(dim=2, hidden=8)
-    options = make_options("rk4", steps=2)
+    options = SolveOptions("rk4", odenet.Fixed(steps=2))
     res = odenet.regularization.solve_regularized(f, torch.randn(4, 2), (0.0, 1.0), options,
                                                   odenet.RNODE(kinetic=0.1))
     res.regularization.backward()
@@ -196,7 +197,7 @@ def solve_regularized(
       batch separately (the per-sample Jacobian is what is estimated).
     - `x`: batched initial state `[B, ...]`.
     - `t`: output times (at least two; the integrals run from `t[0]` to `t[-1]`).
-    - `options`: an `odenet.odeint.SolveOptions` (e.g. `block.options`).
+    - `options`: an `odenet.options.SolveOptions` (e.g. `block.options`).
     - `config`: an :class:`RNODE` with the weights.
     - `noise`: the Hutchinson vector `ε` (shape of `x`); default: drawn from `config.noise`.
     - `generator`: a `torch.Generator` for drawing `ε` (default: the global one).

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import odenet
-from odenet.odeint import make_options
+from odenet.options import options_from
 from odenet.regularization import RNODE, solve_regularized
 
 D64 = torch.float64
@@ -112,7 +112,7 @@ X0 = torch.tensor([[1.0, 2.0, -0.5], [0.3, 0.0, 1.0]], dtype=D64)
 def test_kinetic_energy_and_its_gradient_match_closed_form(gradient):
     k, T = 0.7, 2.0
     f = Decay(k)
-    opts = make_options("dopri5", rtol=1e-10, atol=1e-12, gradient=gradient)
+    opts = options_from("dopri5", rtol=1e-10, atol=1e-12, gradient=gradient)
     res = solve_regularized(f, X0, (0.0, T), opts, RNODE(kinetic=1.0))
     E = exact_kinetic(k, X0, T)
     assert torch.allclose(res.kinetic, E, rtol=1e-8, atol=0)
@@ -125,7 +125,7 @@ def test_kinetic_energy_and_its_gradient_match_closed_form(gradient):
 
 def test_kinetic_energy_is_positive_backward_in_time():
     k, T = 0.7, 2.0
-    res = solve_regularized(Decay(k), X0, (T, 0.0), make_options("dopri5", rtol=1e-10, atol=1e-12), RNODE(kinetic=1.0))
+    res = solve_regularized(Decay(k), X0, (T, 0.0), options_from("dopri5", rtol=1e-10, atol=1e-12), RNODE(kinetic=1.0))
     # backward in time the state grows: x(s) = x0 exp(k s), E = k ||x0||² (exp(2 k T) - 1) / 2
     E = k * (X0**2).sum(1) * (math.exp(2 * k * T) - 1) / 2
     assert torch.allclose(res.kinetic, E, rtol=1e-8)
@@ -137,7 +137,7 @@ def test_hutchinson_with_fixed_noise_is_exact_on_a_linear_f():
     eps = torch.randn(4, 3, dtype=D64)
     x0 = torch.randn(4, 3, dtype=D64)
     T = 0.5
-    res = solve_regularized(Linear(A), x0, (0.0, T), make_options("dopri5", rtol=1e-10, atol=1e-12),
+    res = solve_regularized(Linear(A), x0, (0.0, T), options_from("dopri5", rtol=1e-10, atol=1e-12),
                             RNODE(jacobian=1.0), noise=eps)
     # ∂f/∂x = A everywhere, so the integrand ||εᵀ A||² is constant in t
     assert torch.allclose(res.jacobian, T * ((eps @ A) ** 2).sum(1), rtol=1e-9)
@@ -148,7 +148,7 @@ def test_hutchinson_expectation_is_the_frobenius_norm():
     A = torch.randn(3, 3, dtype=D64)
     T = 0.5
     frob = T * (A**2).sum()
-    opts = make_options("dopri5", rtol=1e-10, atol=1e-12)
+    opts = options_from("dopri5", rtol=1e-10, atol=1e-12)
     # Rademacher: the mean over all 2^3 sign vectors is the expectation, exactly.
     signs = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=3)), dtype=D64)
     res = solve_regularized(Linear(A), torch.randn(8, 3, dtype=D64), (0.0, T), opts, RNODE(jacobian=1.0), noise=signs)
@@ -178,7 +178,7 @@ def test_gradients_agree_between_direct_and_other_methods(other, rel):
     for gradient in ("direct", other):
         f.zero_grad()
         xx = x.clone().requires_grad_(True)
-        opts = make_options("dopri5", rtol=1e-7, atol=1e-7, gradient=gradient)
+        opts = options_from("dopri5", rtol=1e-7, atol=1e-7, gradient=gradient)
         res = solve_regularized(f, xx, (0.0, 1.0), opts, RNODE(kinetic=0.5, jacobian=0.3), noise=eps)
         (res.solution.ys[-1].pow(2).sum() + res.regularization).backward()
         grads[gradient] = torch.cat([p.grad.flatten() for p in f.parameters()] + [xx.grad.flatten()])
@@ -225,9 +225,9 @@ def test_odeblock_regularization_works_for_images():
         (lambda: RNODE(kinetic=float("nan")), ValueError),
         (lambda: RNODE(kinetic="1"), TypeError),
         (lambda: RNODE(jacobian=1.0, noise="uniform"), ValueError),
-        (lambda: solve_regularized(Decay(1.0), X0[0], (0, 1), make_options("dopri5"), RNODE(kinetic=1.0)), ValueError),
-        (lambda: solve_regularized(Decay(1.0), X0, (0, 1), make_options("dopri5"), {"kinetic": 1.0}), TypeError),
-        (lambda: solve_regularized(Decay(1.0), X0, (0, 1), make_options("dopri5"), RNODE(jacobian=1.0),
+        (lambda: solve_regularized(Decay(1.0), X0[0], (0, 1), options_from("dopri5"), RNODE(kinetic=1.0)), ValueError),
+        (lambda: solve_regularized(Decay(1.0), X0, (0, 1), options_from("dopri5"), {"kinetic": 1.0}), TypeError),
+        (lambda: solve_regularized(Decay(1.0), X0, (0, 1), options_from("dopri5"), RNODE(jacobian=1.0),
                                    noise=torch.zeros(3)), ValueError),
     ],
 )

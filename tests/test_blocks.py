@@ -72,7 +72,7 @@ def test_swap_blocks_roundtrip():
     torch.testing.assert_close(model(x), y_res, rtol=0, atol=0)
 
     model = odenet.swap_blocks(model, solver="euler", steps=4)  # Euler with 4 sub-steps per block
-    assert isinstance(model[1], odenet.ODEBlock) and model[1].options.steps == 4
+    assert isinstance(model[1], odenet.ODEBlock) and model[1].control == odenet.Fixed(steps=4)
 
 
 def test_swap_blocks_keeps_training_mode():
@@ -201,7 +201,7 @@ def test_last_stats_backward_counts_fill_in():
 def test_block_repr():
     block = odenet.ODEBlock(odenet.MLPDynamics(2), solver="dopri5", rtol=1e-3, atol=1e-4, gradient="adjoint")
     text = repr(block)
-    assert "dopri5" in text and "rtol=0.001" in text and "adjoint" in text
+    assert "dopri5" in text and "Adaptive(rtol=0.001, atol=0.0001)" in text and "Adjoint()" in text
     assert "h=0.5" in repr(odenet.ResBlock(odenet.MLPDynamics(2), h=0.5))
 
 

@@ -81,11 +81,11 @@ def test_adaptive_solve_syncs_once_per_attempted_step(name):
     step size."""
     A = torch.tensor([[-0.1, 3.0], [-3.0, -0.1]], device=CUDA)
     y0 = torch.randn(32, 2, device=CUDA)
-    integrate(lambda t, y: y @ A.T, y0, [0.0, 1.0], SOLVERS[name](), stats=SolveStats(), rtol=1e-3, atol=1e-3)
+    integrate(lambda t, y: y @ A.T, y0, [0.0, 1.0], SOLVERS[name](), odenet.Adaptive(1e-3, 1e-3), stats=SolveStats())
     for tol in (1e-3, 1e-6):
         stats = SolveStats()
         with Syncs() as s:
-            res = integrate(lambda t, y: y @ A.T, y0, [0.0, 0.5, 2.0], SOLVERS[name](), stats=stats, rtol=tol, atol=tol)
+            res = integrate(lambda t, y: y @ A.T, y0, [0.0, 0.5, 2.0], SOLVERS[name](), odenet.Adaptive(tol, tol), stats=stats)
         assert res.status is odenet.Status.SUCCESS and len(res.steps) > 3
         assert s.count == len(res.steps) + 2, (tol, s.count, len(res.steps))
 

@@ -88,8 +88,8 @@ def test_adaptive_loop_reads_once_per_attempted_step(name, first_step):
     for tol in (1e-3, 1e-6):
         stats = SolveStats()
         with host_reads() as reads:
-            res = integrate(lambda t, y: y @ A.T, y0, [0.0, 0.5, 2.0], SOLVERS[name](), stats=stats, rtol=tol,
-                            atol=tol, first_step=first_step)
+            res = integrate(lambda t, y: y @ A.T, y0, [0.0, 0.5, 2.0], SOLVERS[name](),
+                            odenet.Adaptive(tol, tol, first_step=first_step), stats=stats)
         assert res.status is odenet.Status.SUCCESS
         assert len(res.steps) == stats.n_accepted + stats.n_rejected > 3
         assert reads.count == len(res.steps) + 2, (tol, reads.count, len(res.steps))

@@ -1,5 +1,6 @@
 """Floor 1: Butcher tableaus, the explicit Runge–Kutta step, step-size control and the integrate loop."""
 
+from .control import Adaptive, Fixed
 from .controller import PIController
 from .integrate import integrate
 from .rk import RK4, SOLVERS, Bosh3, Dopri5, Euler, ExplicitRK, Heun, Midpoint, Tsit5, get_solver
@@ -20,6 +21,8 @@ __all__ = [
     "SOLVERS",
     "get_solver",
     "PIController",
+    "Fixed",
+    "Adaptive",
     "integrate",
     "SolveStats",
     "Status",

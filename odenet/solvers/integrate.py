@@ -15,11 +15,12 @@ import functools
 import math
 import operator
 import sys
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from .control import Adaptive, Fixed
 from .controller import PIController
 from .rk import ExplicitRK, without_grad
 from .stats import SolveStats
@@ -28,7 +29,10 @@ from .status import Status
 __all__ = ["CountedFunc", "StepRecord", "StepInfo", "LoopResult", "integrate", "rms_norm"]
 
 
-_DEFAULT_CONTROLLER = PIController()  # immutable, so one instance serves every solve
+# Immutable, so one instance of each serves every solve.
+_DEFAULT_CONTROLLER = PIController()
+_DEFAULT_ADAPTIVE = Adaptive(rtol=1e-7, atol=1e-9)
+_DEFAULT_FIXED = Fixed()
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -160,12 +164,20 @@ class StepInfo(NamedTuple):
 
 
 class LoopResult(NamedTuple):
+    """What `integrate` returns: outputs, status, where it stopped, step records and log."""
+
     ys: List[Tensor]
     status: Status
     t: float
     h: float
     records: Optional[List[StepRecord]]
     steps: List[StepInfo]
+
+    def message(self, control: Union[Fixed, Adaptive]) -> str:
+        """The status message, with the limits of `control` filled in."""
+        if isinstance(control, Adaptive):
+            return self.status.message(self.t, self.h, control.max_steps, control.min_step)
+        return self.status.message(self.t, self.h, fixed=True)
 
 
 def _compiling() -> bool:
@@ -215,62 +227,27 @@ def integrate(
     y0: Tensor,
     ts: Sequence[float],
     solver: ExplicitRK,
+    control: Union[Fixed, Adaptive, None] = None,
     *,
     stats: SolveStats,
     grid: Optional[Sequence[float]] = None,
-    rtol: float = 1e-7,
-    atol: float = 1e-9,
-    controller: Optional[PIController] = None,
-    first_step: Optional[float] = None,
-    min_step: Optional[float] = None,
-    max_steps: int = 10_000,
     norm: Callable[[Tensor], Tensor] = rms_norm,
     record: bool = False,
 ) -> LoopResult:
     """Integrate `dy/dt = f(t, y)` from `ts[0]` and return the state at every time in `ts`.
 
-    `ts` must be strictly monotone (validated by the caller). Fixed-step solvers step
-    along `grid` (which starts at `ts[0]` and ends at `ts[-1]`); adaptive ones choose
-    their steps with `controller`. Gradients flow through the loop if autograd is on
-    (step sizes themselves are not differentiated). Never raises on solver failure:
-    the status says what happened, and outputs not reached are NaN.
-
-    This is the engine under `odenet.odeint`, which validates inputs, counts NFE and
-    handles gradients; call `odeint` unless you are building a new gradient method.
-
-    **Arguments:**
-
-    - `f`: `f(t, y)` taking the time as a Python float (wrap a module in `CountedFunc`).
-    - `y0`, `ts`: initial state and output times (floats, strictly monotone).
-    - `solver`: an `ExplicitRK`.
-    - `stats`: a `SolveStats` whose step counts are incremented in place.
-    - `grid`: fixed-step solvers' step boundaries (default: `ts`).
-    - `rtol`, `atol`, `controller`, `first_step`, `min_step`, `max_steps`: adaptive settings.
-    - `norm`: the error norm of the scaled error (default RMS over all elements).
-    - `record`: keep every accepted step's start state (for checkpointed gradients).
-
-    **Returns:** a `LoopResult(ys, status, t, h, records, steps)`: the outputs (one tensor per
-    time in `ts`), the `Status`, the time and step size reached, the step records (or `None`)
-    and every attempted step as `StepInfo`.
-
-    **Raises:** `ValueError` if a fixed-step solver's `grid` does not run from `ts[0]` to `ts[-1]`.
-
-    **Example:**
-
-    ```python
-    import torch
-    from odenet.solvers import Dopri5, SolveStats, integrate
-
-    stats = SolveStats()
-    res = integrate(lambda t, y: -y, torch.ones(3), [0.0, 1.0], Dopri5(), stats=stats, rtol=1e-6, atol=1e-8)
-    res.ys[-1], res.status, stats.n_accepted
-    ```
+    The engine under `odenet.odeint` (which validates inputs, counts evaluations and handles
+    gradients). `ts` must be strictly monotone floats. A fixed-step solver steps along `grid`
+    (default: `control.grid(ts)`, with `control` a `Fixed`); an adaptive one is controlled by
+    `control`, an `Adaptive` (default: `rtol=1e-7, atol=1e-9`), measuring the scaled error
+    with `norm`. `record` keeps every accepted step's start state (for checkpointed
+    gradients). Never raises on solver failure: the status says what happened, and outputs
+    not reached are NaN. Returns a `LoopResult(ys, status, t, h, records, steps)`.
     """
     if solver.adaptive:
-        res = _adaptive_loop(f, y0, ts, solver, stats, rtol, atol, controller or _DEFAULT_CONTROLLER, first_step,
-                             min_step, max_steps, norm, record)
+        res = _adaptive_loop(f, y0, ts, solver, stats, control or _DEFAULT_ADAPTIVE, norm, record)
     else:
-        grid = tuple(grid if grid is not None else ts)
+        grid = tuple(grid if grid is not None else (control or _DEFAULT_FIXED).grid(ts))
         if len(grid) < 2 or grid[0] != ts[0] or grid[-1] != ts[-1]:
             raise ValueError(
                 f"grid= must start at ts[0]={ts[0]} and end at ts[-1]={ts[-1]} (at least two points), got "
@@ -441,10 +418,11 @@ def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: S
     return outputs, status, grid[-1], hs[-1], records, list(plan.log)
 
 
-def _adaptive_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: SolveStats, rtol: float,
-                   atol: float, controller: PIController, first_step: Optional[float], min_step: Optional[float],
-                   max_steps: int, norm: Callable[[Tensor], Tensor], record: bool):
-    """Steps chosen by the error estimate and `controller`: one host read per attempted step."""
+def _adaptive_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: SolveStats, control: Adaptive,
+                   norm: Callable[[Tensor], Tensor], record: bool):
+    """Steps chosen by the error estimate and the controller: one host read per attempted step."""
+    rtol, atol, min_step, max_steps = control.rtol, control.atol, control.min_step, control.max_steps
+    controller = control.controller or _DEFAULT_CONTROLLER
     n_out = len(ts)
     outputs: List[Optional[Tensor]] = [None] * n_out
     outputs[0] = y0
@@ -462,8 +440,8 @@ def _adaptive_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats
     nxt = 1
     h = 0.0
     k1 = f(t, y)
-    if first_step is not None:
-        h = direction * first_step
+    if control.first_step is not None:
+        h = direction * control.first_step
         finite = _is_finite(y) and _is_finite(k1)
     else:
         h0, finite = _initial_step(f, t, y, k1, direction, tab.order, rtol, atol, norm, abs(t_end - t))

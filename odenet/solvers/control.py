@@ -1,0 +1,139 @@
+"""Step control, as data: :class:`Fixed` steps on a grid, or :class:`Adaptive` steps under error control."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+from .controller import PIController
+
+__all__ = ["Fixed", "Adaptive", "Option", "positive", "positive_int"]
+
+
+class Option:
+    """Base of the typed options: a repr that shows only the fields set away from their defaults."""
+
+    def __repr__(self) -> str:
+        shown = [
+            f"{fl.name}={getattr(self, fl.name)!r}"
+            for fl in dataclasses.fields(self)
+            if fl.default is dataclasses.MISSING or getattr(self, fl.name) != fl.default
+        ]
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+
+def positive(name: str, value, allow_none: bool = True) -> Optional[float]:
+    """`value` as a float, checked to be a positive finite number (or `None`, when allowed)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive number, got {value!r} ({type(value).__name__}).")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
+    return value
+
+
+def positive_int(name: str, value) -> Optional[int]:
+    """`value` as an int, checked to be at least 1 (or `None`)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__}).")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer (>= 1), got {value}.")
+    return int(value)
+
+
+@dataclass(frozen=True, repr=False)
+class Fixed(Option):
+    """Fixed steps, for the fixed-step solvers (`euler`, `midpoint`, `heun`, `rk4`).
+
+    **Arguments:**
+
+    - `steps`: the number of uniform steps over `[t[0], t[-1]]`.
+    - `step_size`: the largest step; the grid is the uniform one with the fewest steps not
+      longer than it.
+
+    With neither, one step per interval of the output times. `steps=N` with `solver="euler"`
+    is N weight-tied residual blocks.
+
+    **Raises:** `TypeError`/`ValueError` for a non-positive or non-numeric value, or both given.
+
+    **Example:**
+
+    ```python
+    sol = odenet.odeint(f, y0, [0.0, 1.0], solver="rk4", control=odenet.Fixed(steps=8))
+    ```
+    """
+
+    steps: Optional[int] = None
+    step_size: Optional[float] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "steps", positive_int("steps", self.steps))
+        object.__setattr__(self, "step_size", positive("step_size", self.step_size))
+        if self.steps is not None and self.step_size is not None:
+            raise ValueError(f"Give steps= or step_size=, not both (got steps={self.steps}, step_size={self.step_size}).")
+
+    def grid(self, ts: Sequence[float]) -> Tuple[float, ...]:
+        """The step boundaries for output times `ts` (floats): a uniform grid over `[ts[0], ts[-1]]`, or `ts`."""
+        if self.steps is None and self.step_size is None:
+            return tuple(ts)
+        t0, t1 = ts[0], ts[-1]
+        steps = self.steps or max(1, math.ceil(abs(t1 - t0) / self.step_size - 1e-9))
+        return (*(t0 + (t1 - t0) * i / steps for i in range(steps)), t1)
+
+
+@dataclass(frozen=True, repr=False)
+class Adaptive(Option):
+    """Adaptive steps under error control, for the embedded solvers (`bosh3`, `dopri5`, `tsit5`).
+
+    A step is accepted when the RMS norm of its error estimate, scaled by
+    `atol + rtol·max(|y0|, |y1|)`, is at most 1; `controller` then proposes the next step.
+
+    **Arguments:**
+
+    - `rtol`, `atol`: relative and absolute tolerance (`odeint`'s shorthand defaults are
+      `1e-7`/`1e-9`, `ODEBlock`'s `1e-3`/`1e-3`).
+    - `first_step`: the initial step size (default: chosen from `f` at `y0`, one extra evaluation).
+    - `min_step`: the smallest step allowed: the solve fails with `STEP_UNDERFLOW` when a
+      rejected step, or an accepted step after which the controller shrinks the step, leaves
+      the next step below it. An automatic first step may start below it and grow.
+    - `max_steps`: the most steps, accepted plus rejected, before failing with `MAX_STEPS`
+      (default 10,000; with `backend="torchdiffeq"` it counts per output interval).
+    - `controller`: an `odenet.solvers.PIController` (default: `PIController()`).
+
+    **Raises:** `TypeError`/`ValueError` for a non-positive or non-numeric value, a
+    `controller` that is not a `PIController`, or `first_step < min_step`.
+
+    **Example:**
+
+    ```python
+    control = odenet.Adaptive(rtol=1e-6, atol=1e-8, max_steps=500)
+    sol = odenet.odeint(f, y0, [0.0, 1.0], solver="dopri5", control=control)
+    ```
+    """
+
+    rtol: float
+    atol: float
+    first_step: Optional[float] = None
+    min_step: Optional[float] = None
+    max_steps: int = 10_000
+    controller: Optional[PIController] = None
+
+    def __post_init__(self):
+        for name in ("rtol", "atol", "first_step", "min_step"):
+            object.__setattr__(self, name, positive(name, getattr(self, name), allow_none=name not in ("rtol", "atol")))
+        object.__setattr__(self, "max_steps", positive_int("max_steps", self.max_steps))
+        if self.max_steps is None:
+            raise TypeError("max_steps must be a positive integer, got None.")
+        if self.controller is not None and not isinstance(self.controller, PIController):
+            raise TypeError(f"controller must be an odenet.solvers.PIController, got {type(self.controller).__name__}.")
+        if self.min_step is not None and self.first_step is not None and self.first_step < self.min_step:
+            raise ValueError(
+                f"first_step={self.first_step} is below min_step={self.min_step}; lower min_step or raise first_step."
+            )
