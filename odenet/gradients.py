@@ -84,8 +84,10 @@ class Adjoint(Option):
     name = "adjoint"
 
     def __post_init__(self):
-        object.__setattr__(self, "rtol", positive("adjoint rtol", self.rtol))
-        object.__setattr__(self, "atol", positive("adjoint atol", self.atol))
+        for name in ("rtol", "atol"):
+            value = positive(f"adjoint {name}", getattr(self, name))
+            if value is not getattr(self, name):
+                object.__setattr__(self, name, value)
         if not isinstance(self.seminorm, bool):
             raise TypeError(f"adjoint seminorm must be True or False, got {self.seminorm!r}.")
 

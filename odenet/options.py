@@ -26,6 +26,7 @@ DEFAULT_TOL = (1e-7, 1e-9)
 CONTROL_KEYS = ("rtol", "atol", "steps", "step_size", "first_step", "min_step", "max_steps", "controller")
 ADJOINT_KEYS = ("adjoint_rtol", "adjoint_atol", "adjoint_seminorm")
 SHORTHAND = CONTROL_KEYS + ADJOINT_KEYS
+_CONTROL_SET, _ADJOINT_SET = frozenset(CONTROL_KEYS), frozenset(ADJOINT_KEYS)
 
 _FIXED_KEYS = ("steps", "step_size")
 _FIXED_SOLVERS = ", ".join(repr(n) for n in SOLVERS if not SOLVERS[n]().adaptive)
@@ -151,12 +152,10 @@ def options_from(
 ) -> SolveOptions:
     """Build `SolveOptions` from typed objects or the flat shorthand (keywords from `SHORTHAND`);
     `default_tol` is the `(rtol, atol)` an adaptive solver gets unless given."""
-    check_keywords("options_from", shorthand, SHORTHAND)
-    shorthand = {k: v for k, v in shorthand.items() if v is not None and v is not False}
+    flat_control, flat_adjoint = _split(shorthand)
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend {backend!r}; choose one of {BACKENDS}.")
     solver = _solver_for(solver, backend)
-    flat_control = {k: shorthand[k] for k in CONTROL_KEYS if k in shorthand}
     if control is None:
         control = _control_from(solver, flat_control, default_tol)
     elif flat_control:
@@ -164,8 +163,22 @@ def options_from(
             f"control={control!r} was given together with {_listed(flat_control)}; give the step settings in "
             "one place: inside control=, or as flat keywords without control=."
         )
-    flat_adjoint = {k: shorthand[k] for k in ADJOINT_KEYS if k in shorthand}
     return SolveOptions(solver, control, _gradient_from(gradient, flat_adjoint), backend, throw)
+
+
+def _split(shorthand: dict) -> Tuple[dict, dict]:
+    """The flat keywords that were set (not `None`/`False`), as those of the control and of the adjoint."""
+    control, adjoint = {}, {}
+    for key, value in shorthand.items():
+        if key in _CONTROL_SET:
+            if value is not None:
+                control[key] = value
+        elif key in _ADJOINT_SET:
+            if value is not None and value is not False:
+                adjoint[key] = value
+        else:
+            check_keywords("options_from", shorthand, SHORTHAND)
+    return control, adjoint
 
 
 def _listed(flat: Mapping) -> str:

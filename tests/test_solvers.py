@@ -208,9 +208,9 @@ RALSTON = ButcherTableau(name="ralston", c=(0, 2 / 3), a=((), (2 / 3,)), b=(1 / 
 
 @pytest.mark.parametrize("solver", [*(SOLVERS[n]() for n in FIXED), ExplicitRK(RALSTON)], ids=str)
 def test_fixed_loop_matches_step_bitwise(solver):
-    """The fixed-step loop (Euler written out, `advance` for the others, f called directly after
-    the first step) gives the states of a plain loop of `ExplicitRK.step`, bit for bit, at
-    grid points and in between, and counts every evaluation."""
+    """The fixed-step loop gives the states of a plain loop of `ExplicitRK.step` (with the
+    loop's tensor stage times), bit for bit, at grid points and in between, and counts every
+    evaluation."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(3, 3).double()
 
@@ -238,17 +238,14 @@ def test_fixed_loop_matches_step_bitwise(solver):
     assert sol.stats.nfe_forward == n * solver.tableau.stages
 
 
-def test_stage_times_cached_outside_inference_mode():
-    """The fixed grid's time tensors are cached across solves; one made during an
-    inference-mode solve still serves a later solve with autograd (where `t * y` saves `t`)."""
+def test_stage_times_made_outside_inference_mode():
+    """The fixed grid's time tensors are made outside inference mode: an inference-mode solve
+    and a later solve with autograd (where `t * y` saves `t`) both work."""
     w = torch.randn(2, requires_grad=True)
 
     def f(t, y):
         return t * y * w
 
-    import importlib
-
-    importlib.import_module("odenet.solvers.integrate")._cached_cpu_times.cache_clear()  # made below
     t = [0.0, 0.7]
     with torch.inference_mode():
         odenet.odeint(f, torch.ones(3, 2), t, solver="rk4", steps=3)
@@ -258,8 +255,8 @@ def test_stage_times_cached_outside_inference_mode():
     assert w.grad is not None and torch.isfinite(w.grad).all()
 
 
-def test_cached_stage_times_survive_f_changing_t_in_place():
-    """A time tensor that f modifies in place is made again for the next solve on the grid."""
+def test_stage_times_survive_f_changing_t_in_place():
+    """A time tensor that f modifies in place does not carry into the next solve on the grid."""
 
     def bad(t, y):
         t.add_(1.0)
@@ -275,8 +272,8 @@ def test_cached_stage_times_survive_f_changing_t_in_place():
     assert torch.equal(again, clean)
 
 
-def test_cached_stage_times_survive_f_setting_requires_grad():
-    """A time tensor on which f sets `requires_grad` is made again for the next solve on the
+def test_stage_times_survive_f_setting_requires_grad():
+    """`requires_grad` that f sets on its time tensor does not carry into the next solve on the
     grid: a later solve gets times that do not require grad, so its output builds no graph."""
 
     def wants_dt(t, y):
@@ -298,24 +295,13 @@ def test_cached_stage_times_survive_f_setting_requires_grad():
 
 
 def test_stage_times_on_cpu_under_another_default_device():
-    """The cached CPU times ignore a default-device context (a later plain solve still works)."""
+    """The CPU stage times ignore a default-device context (a later plain solve still works)."""
     t = torch.tensor([0.0, 0.8])
     y0 = torch.ones(2)
     with torch.device("meta"):
         inside = odenet.odeint(lambda t, y: -t * y, y0, t, solver="rk4", steps=5).ys[-1]
     outside = odenet.odeint(lambda t, y: -t * y, y0, t, solver="rk4", steps=5).ys[-1]
     assert inside.device.type == "cpu" and torch.equal(inside, outside)
-
-
-def test_long_grids_are_not_cached():
-    """Grids of more than a few thousand evaluations are planned per solve, not kept."""
-    import importlib
-
-    mod = importlib.import_module("odenet.solvers.integrate")
-    before = (mod._cached_plan.cache_info().currsize, mod._cached_cpu_times.cache_info().currsize)
-    sol = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], solver="rk4", steps=2000)
-    assert sol.stats.nfe_forward == 8000
-    assert (mod._cached_plan.cache_info().currsize, mod._cached_cpu_times.cache_info().currsize) == before
 
 
 def test_fixed_loop_uses_an_overridden_step():

@@ -29,10 +29,11 @@ def positive(name: str, value, allow_none: bool = True) -> Optional[float]:
     """`value` as a float, checked to be a positive finite number (or `None`, when allowed)."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a positive number, got {value!r} ({type(value).__name__}).")
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
+    if type(value) is not float:  # the common case skips the (slow) abstract-class check
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a positive number, got {value!r} ({type(value).__name__}).")
+        value = float(value)
+    if not 0.0 < value < math.inf:  # also False for NaN
         raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
     return value
 
@@ -41,11 +42,26 @@ def positive_int(name: str, value) -> Optional[int]:
     """`value` as an int, checked to be at least 1 (or `None`)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__}).")
+    if type(value) is not int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__}).")
+        value = int(value)
     if value < 1:
         raise ValueError(f"{name} must be a positive integer (>= 1), got {value}.")
-    return int(value)
+    return value
+
+
+def _required(name: str, value) -> float:
+    return positive(name, value, allow_none=False)
+
+
+def _normalise(obj, check, names) -> None:
+    """Replace each field in `names` of the frozen `obj` by `check(name, value)` where that changes it."""
+    for name in names:
+        value = getattr(obj, name)
+        new = check(name, value)
+        if new is not value:
+            object.__setattr__(obj, name, new)
 
 
 @dataclass(frozen=True, repr=False)
@@ -74,8 +90,8 @@ class Fixed(Option):
     step_size: Optional[float] = None
 
     def __post_init__(self):
-        object.__setattr__(self, "steps", positive_int("steps", self.steps))
-        object.__setattr__(self, "step_size", positive("step_size", self.step_size))
+        _normalise(self, positive_int, ("steps",))
+        _normalise(self, positive, ("step_size",))
         if self.steps is not None and self.step_size is not None:
             raise ValueError(f"Give steps= or step_size=, not both (got steps={self.steps}, step_size={self.step_size}).")
 
@@ -126,11 +142,11 @@ class Adaptive(Option):
     controller: Optional[PIController] = None
 
     def __post_init__(self):
-        for name in ("rtol", "atol", "first_step", "min_step"):
-            object.__setattr__(self, name, positive(name, getattr(self, name), allow_none=name not in ("rtol", "atol")))
-        object.__setattr__(self, "max_steps", positive_int("max_steps", self.max_steps))
+        _normalise(self, _required, ("rtol", "atol"))
+        _normalise(self, positive, ("first_step", "min_step"))
         if self.max_steps is None:
             raise TypeError("max_steps must be a positive integer, got None.")
+        _normalise(self, positive_int, ("max_steps",))
         if self.controller is not None and not isinstance(self.controller, PIController):
             raise TypeError(f"controller must be an odenet.solvers.PIController, got {type(self.controller).__name__}.")
         if self.min_step is not None and self.first_step is not None and self.first_step < self.min_step:

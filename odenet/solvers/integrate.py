@@ -11,9 +11,7 @@ inside a step.
 
 from __future__ import annotations
 
-import functools
 import math
-import operator
 import sys
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -103,14 +101,6 @@ class CountedFunc:
         if not self._checked:
             self._check(out, y)
         return out
-
-    def count(self, n: int) -> None:
-        """Record `n` calls that a loop made to :attr:`f` directly (the fixed-step loop does, once
-        this wrapper has checked the first output, to save a Python call per evaluation)."""
-        if self.backward:
-            self.stats.nfe_backward += n
-        else:
-            self.stats.nfe_forward += n
 
     def _check(self, out, y: Tensor) -> None:
         name = getattr(self.f, "__qualname__", None) or type(self.f).__name__
@@ -288,65 +278,23 @@ def _is_finite(y: Tensor) -> bool:
     return math.isfinite(float(torch.linalg.vector_norm(y.detach(), ord=math.inf)))
 
 
-class _GridPlan(NamedTuple):
-    """What a fixed grid fixes before the first step: step sizes, every stage's time, the log."""
+def _stage_times(f, y0: Tensor, grid: Sequence[float], hs: Sequence[float], c: Sequence[float]) -> list:
+    """Each step's stage times, the time arguments the loop hands to `f`.
 
-    hs: Tuple[float, ...]
-    times: Tuple[Tuple[float, ...], ...]  # per step, the time of each stage
-    log: Tuple[StepInfo, ...]
-
-
-class _StageTimes(NamedTuple):
-    """A grid's stage times as 0-dim CPU tensors: views of `base`, flat and grouped per step."""
-
-    base: Tensor
-    flat: Tuple[Tensor, ...]
-    steps: Tuple[Tuple[Tensor, ...], ...]
-
-
-# Grids are cached only up to this many stage evaluations: training solves the same grid every
-# iteration, where making the plan is a visible part of a small solve; a long grid amortises it,
-# and caching it would keep every one of its times alive.
-_CACHE_MAX_STAGES = 4096
-
-
-def _make_plan(grid: Tuple[float, ...], c: Tuple[float, ...]) -> _GridPlan:
-    hs = tuple(b - a for a, b in zip(grid, grid[1:]))
-    times = tuple(tuple(t + ci * h for ci in c) for t, h in zip(grid, hs))
-    return _GridPlan(hs, times, tuple(StepInfo(t, h, True) for t, h in zip(grid, hs)))
-
-
-def _make_cpu_times(plan: _GridPlan, s: int, dtype: torch.dtype) -> _StageTimes:
-    # Outside inference mode, so that times made during an inference-mode solve also serve
-    # solves with autograd; on the CPU whatever the default device.
+    Floats, which `CountedFunc` turns into a 0-dim tensor per call. On the CPU, for a
+    `CountedFunc`, one tensor of all stage times is made instead and split into 0-dim views: on
+    an Euler solve of a cheap `f` this halves the cost of making the times (measured with
+    `benchmarks/loop_overhead.py`). Not on CUDA (a copy from the host would synchronise) and not
+    while torch.compile traces the solve. Outside inference mode, so that a solve with autograd
+    can save them for backward.
+    """
+    times = [tuple(t + ci * h for ci in c) for t, h in zip(grid, hs)]
+    if not isinstance(f, CountedFunc) or y0.device.type != "cpu" or _compiling():
+        return times
     with torch.inference_mode(False):
-        base = torch.tensor([x for step in plan.times for x in step], dtype=dtype, device="cpu")
-    flat = base.unbind(0)
-    return _StageTimes(base, flat, tuple(flat[i * s:(i + 1) * s] for i in range(len(plan.times))))
-
-
-_cached_plan = functools.lru_cache(maxsize=64)(_make_plan)
-_requires_grad = operator.attrgetter("requires_grad")
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_cpu_times(grid: Tuple[float, ...], c: Tuple[float, ...], dtype: torch.dtype) -> _StageTimes:
-    return _make_cpu_times(_cached_plan(grid, c), len(c), dtype)
-
-
-def _cpu_stage_times(plan: _GridPlan, grid: Tuple[float, ...], c: Tuple[float, ...], dtype: torch.dtype,
-                     cache: bool) -> Tuple[Tuple[Tensor, ...], ...]:
-    """The stage times of `plan` as 0-dim CPU tensors of `dtype`, per step: views of one tensor,
-    rather than one tensor per call of `f`. With `cache`, kept per grid like the plan, and made
-    again if `f` changed one in place: its value (the version counter moved) or its
-    `requires_grad` flag, which would otherwise carry into every later solve on the grid."""
-    if not cache:
-        return _make_cpu_times(plan, len(c), dtype).steps
-    entry = _cached_cpu_times(grid, c, dtype)
-    if entry.base._version or any(map(_requires_grad, entry.flat)):
-        _cached_cpu_times.cache_clear()
-        entry = _cached_cpu_times(grid, c, dtype)
-    return entry.steps
+        flat = torch.tensor([x for step in times for x in step], dtype=y0.dtype, device="cpu").unbind(0)
+    s = len(c)
+    return [flat[i * s : (i + 1) * s] for i in range(len(times))]
 
 
 def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: SolveStats,
@@ -357,65 +305,25 @@ def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: S
     outputs[0] = y0
     records: Optional[List[StepRecord]] = [] if record else None
     direction = 1.0 if ts[-1] > ts[0] else -1.0
-    n_steps = len(grid) - 1
-    tab = solver.tableau
-    compiling = _compiling()
-    # Short grids' plans are cached (not while torch.compile traces: Dynamo traces past caches).
-    cache = not compiling and len(grid) * tab.stages <= _CACHE_MAX_STAGES
-    plan = _cached_plan(grid, tab.c) if cache else _make_plan(grid, tab.c)
-    hs = plan.hs
-    # FSAL methods hand their last stage to the next step (`step`); a one-stage method is Euler,
-    # the residual update `y + h f(t, y)`, written out here; the others take `advance`. A
-    # subclass that overrides `step` or `advance` gets its `step` for every method.
-    own = type(solver).step is ExplicitRK.step and type(solver).advance is ExplicitRK.advance
-    use_step = tab.fsal or not own
-    euler = own and tab.stages == 1
-    w = tab.b[0]  # Euler's one weight, 1
-    # odenet's wrapper takes the stage times as tensors, made once per grid on the CPU, and
-    # there the loop calls f itself after the first step (the wrapper has checked f's output
-    # by then; not with `step`, whose count per step varies) and counts those calls at
-    # the end. If f raises, the calls of the step it raised in go uncounted. A plain f gets
-    # floats; on other devices, and while torch.compile traces the whole solve, each time is
-    # made from its float by the wrapper (on CUDA: no copy from the host, so no
-    # synchronisation, and allowed in CUDA graph capture).
-    bulk = isinstance(f, CountedFunc) and y0.device.type == "cpu" and not compiling and f.autocast is None
-    times = _cpu_stage_times(plan, grid, tab.c, y0.dtype, cache) if bulk else plan.times
-    after_first = f.f if bulk and not use_step else f
-    call = f
-    y = y0
-    k1: Optional[Tensor] = None
-    nxt = 1
-    done = 0
-    try:
-        for i in range(n_steps):
-            h = hs[i]
-            if euler:
-                k = call(times[i][0], y)
-                y1 = torch.add(y, k, alpha=h * w)
-            elif use_step:
-                res = solver.step(call, grid[i], y, h, k1, times=times[i])
-                y1, ks, k1 = res.y1, res.ks, res.k_next
-            else:
-                y1, ks = solver.advance(call, y, h, times[i])
-            call = after_first
-            done += 1
-            produced = ()
-            if nxt < n_out and direction * (ts[nxt] - grid[i + 1]) <= 0.0:
-                if euler:
-                    ks = [k]
-                nxt, produced = _emit(solver, outputs, ts, nxt, direction, grid[i], h, grid[i + 1], y, y1, ks)
-            if record:
-                records.append(StepRecord(grid[i], h, y, produced))
-            y = y1
-    finally:
-        if after_first is not f and done > 1:
-            f.count((done - 1) * tab.stages)
-    stats.n_accepted += n_steps
+    hs = [b - a for a, b in zip(grid, grid[1:])]
+    times = _stage_times(f, y0, grid, hs, solver.tableau.c)
+    y, k1, nxt = y0, None, 1
+    for i, h in enumerate(hs):
+        # Without an error estimate; an FSAL method hands its last stage on as the next k1.
+        res = solver.step(f, grid[i], y, h, k1, with_error=False, times=times[i])
+        k1 = res.k_next
+        produced = ()
+        if nxt < n_out and direction * (ts[nxt] - grid[i + 1]) <= 0.0:
+            nxt, produced = _emit(solver, outputs, ts, nxt, direction, grid[i], h, grid[i + 1], y, res.y1, res.ks)
+        if record:
+            records.append(StepRecord(grid[i], h, y, produced))
+        y = res.y1
+    stats.n_accepted += len(hs)
     status = Status.SUCCESS
     # One read per solve (skipped while a CUDA graph is captured, where reads are not allowed).
     if not _capturing(y) and not _is_finite(y):
         status = Status.NONFINITE
-    return outputs, status, grid[-1], hs[-1], records, list(plan.log)
+    return outputs, status, grid[-1], hs[-1], records, [StepInfo(t, h, True) for t, h in zip(grid, hs)]
 
 
 def _adaptive_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: SolveStats, control: Adaptive,

@@ -121,7 +121,6 @@ class ExplicitRK:
         self.tableau = tableau
         self.adaptive = bool(adaptive)
         self._rows = tuple(_nonzero(r) for r in tableau.a)
-        self._later = tuple(enumerate(self._rows))[1:]  # (stage index, row) of stages 2..s
         self._b = _nonzero(tableau.b)
         self._err = _nonzero(tableau.b_err) if tableau.b_err is not None else ()
         self._dense = tableau.dense
@@ -208,25 +207,6 @@ class ExplicitRK:
             # Only step-size control reads it; never differentiated.
             error = without_grad(_lincomb, h, self._err, ks)
         return StepResult(y1, error, ks, k_next)
-
-    def advance(self, f: Func, y: Tensor, h: float, times: Sequence) -> Tuple[Tensor, List[Tensor]]:
-        """One step without an error estimate, for a method that is not FSAL, with every
-        stage's time argument given: the fixed-step loop's step (the same arithmetic as
-        :meth:`step`, with less bookkeeping per step).
-
-        **Arguments:**
-
-        - `f`: the dynamics `f(t, y)`.
-        - `y`: the state at the start of the step.
-        - `h`: the step size.
-        - `times`: the time argument of `f` for each stage (`t + c_i h`, as floats or tensors).
-
-        **Returns:** `(y1, ks)`: the new state and the stages.
-        """
-        ks = [f(times[0], y)]
-        for i, row in self._later:
-            ks.append(f(times[i], _combine(y, h, row, ks)))
-        return _combine(y, h, self._b, ks), ks
 
     def interpolate(self, y0: Tensor, h: float, ks: List[Tensor], theta: float) -> Tensor:
         """Dense output at `t0 + θ h` from the stages of the step that started at `(t0, y0)`.
