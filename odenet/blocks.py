@@ -97,21 +97,13 @@ class ResBlock(nn.Module):
         self.t = _check_time("t", t)
 
     def forward(self, x: Tensor) -> Tensor:
-        """One Euler step from `x`.
-
-        **Arguments:**
-
-        - `x`: the input state.
-
-        **Returns:** `x + h · f(t, x)`, a tensor of `x`'s shape.
-        """
+        """One Euler step from `x`: `x + h · f(t, x)`."""
         # The same op as an Euler step of odenet's solver (torch.add with alpha), so that a
         # stack of ResBlocks equals ODEBlock(solver="euler") exactly.
         k = self.f(torch.full((), self.t, dtype=x.dtype, device=x.device), x)
         return torch.add(x, k, alpha=self.h)
 
     def extra_repr(self) -> str:
-        """**Returns:** the settings shown by `repr(block)`, e.g. `"h=0.5, t=0"`."""
         return f"h={self.h:g}, t={self.t:g}"
 
 
@@ -205,17 +197,8 @@ class ODEBlock(nn.Module):
         return self.options.gradient
 
     def solve(self, x: Tensor, t: Optional[Union[Tensor, Sequence[float]]] = None) -> Solution:
-        """Integrate from `x` at `t[0]` and return the full `odenet.Solution` (default `t = [t0, t1]`).
-
-        **Arguments:**
-
-        - `x`: the initial state.
-        - `t`: the output times (default `(t0, t1)`).
-
-        **Returns:** an `odenet.Solution`; `last_stats` is set to its `stats`.
-
-        **Raises:** `odenet.SolverError` when the solver fails (unless built with `throw=False`).
-        """
+        """The full `odenet.Solution` from `x` at `t[0]` over the times `t` (default `(t0, t1)`);
+        sets `last_stats`."""
         if t is None:
             t = (self.t0, self.t1)
         sol = solve_with_options(self.f, x, t, self.options)
@@ -223,17 +206,7 @@ class ODEBlock(nn.Module):
         return sol
 
     def forward(self, x: Tensor) -> Tensor:
-        """Integrate from `x` at `t0` to `t1`.
-
-        **Arguments:**
-
-        - `x`: the initial state.
-
-        **Returns:** `x(t1)`, a tensor of `x`'s shape. In training mode with `regularization`
-        set, `last_regularization` then holds the weighted regularisation term.
-
-        **Raises:** `odenet.SolverError` when the solver fails (unless built with `throw=False`).
-        """
+        """`x(t1)` from `x` at `t0` (in training with `regularization`, also sets `last_regularization`)."""
         if self.regularization is not None and self.training:
             res = solve_regularized(self.f, x, (self.t0, self.t1), self.options, self.regularization)
             self.last_stats = res.solution.stats
@@ -243,15 +216,7 @@ class ODEBlock(nn.Module):
         return self.solve(x).ys[-1]
 
     def trajectory(self, x: Tensor, t: Union[Tensor, Sequence[float]]) -> Tensor:
-        """States at the times `t` (starting from `x` at `t[0]`), shape `[len(t), *x.shape]`.
-
-        **Arguments:**
-
-        - `x`: the state at `t[0]`.
-        - `t`: the output times, a 1-D tensor or a sequence of numbers.
-
-        **Returns:** the states, a tensor of shape `[len(t), *x.shape]`.
-        """
+        """States at the times `t` (starting from `x` at `t[0]`), shape `[len(t), *x.shape]`."""
         return self.solve(x, t).ys
 
     def __getstate__(self):
@@ -280,8 +245,8 @@ def swap_blocks(model: nn.Module, solver: Union[str, ExplicitRK] = "dopri5", **k
     """Replace every `ResBlock` and `ODEBlock` in `model` by a block of the given kind, sharing its `f`.
 
     Each block keeps its interval (`ResBlock(f, h, t)` covers `[t, t + h]`). With
-    `solver="euler", steps=1` (and nothing else) blocks become `ResBlock`s; anything else gives
-    `ODEBlock(f, solver, t0, t1, **kwargs)`. The same `f` module (same parameters) is used, so
+    `solver="euler", steps=1` (or `control=odenet.Fixed(steps=1)`, and nothing else) blocks become
+    `ResBlock`s; anything else gives `ODEBlock(f, solver, t0=t0, t1=t1, **kwargs)`. The same `f` module (same parameters) is used, so
     the model trains and evaluates under either form. Each new block keeps the training/eval
     mode of the block it replaces (`f` keeps its own, submodules included). The model is
     modified in place and returned; if `model` itself is a block, the new block is returned.
@@ -290,7 +255,7 @@ def swap_blocks(model: nn.Module, solver: Union[str, ExplicitRK] = "dopri5", **k
 
     - `model`: any `nn.Module` (searched recursively), or a single block.
     - `solver`: the new blocks' solver, as in `ODEBlock`.
-    - `**kwargs`: the new blocks' settings (`steps`, `rtol`, `atol`, `gradient`, ...), as in `ODEBlock`.
+    - `**kwargs`: the new blocks' settings (`control`, `gradient`, or the shorthand `steps`, `rtol`, ...), as in `ODEBlock`.
 
     **Returns:** `model` with its blocks replaced (or the new block).
 
@@ -301,8 +266,8 @@ def swap_blocks(model: nn.Module, solver: Union[str, ExplicitRK] = "dopri5", **k
 
     ```python
     model = nn.Sequential(nn.Linear(4, 2), odenet.ResBlock(odenet.MLPDynamics(2)), nn.Linear(2, 3))
-    model = odenet.swap_blocks(model, solver="dopri5", rtol=1e-3, atol=1e-3)  # continuous
-    model = odenet.swap_blocks(model, solver="euler", steps=1)                # and back
+    model = odenet.swap_blocks(model, solver="dopri5", control=odenet.Adaptive(rtol=1e-3, atol=1e-3))
+    model = odenet.swap_blocks(model, solver="euler", steps=1)  # and back
     ```
     """
     if "t0" in kwargs or "t1" in kwargs:

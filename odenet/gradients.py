@@ -1,28 +1,12 @@
-"""How gradients flow through a solve.
+"""How gradients flow through a solve: the methods `Direct`, `Adjoint` and `Checkpoint` (data), and
+:func:`run_solve`, which runs a solve under one of them.
 
-- ``direct``: backpropagation through every operation of the integrate loop.
-  Exact gradient of the discrete solution; activation memory grows with the
-  number of steps.
-- ``adjoint``: the continuous adjoint of Chen et al. (2018). The forward solve
-  keeps nothing but the outputs; the backward pass integrates the augmented
-  state ``[y, a, a_θ]`` from the last output time to the first. Activation
-  memory is O(1) in the number of steps; the gradient is accurate to the
-  adjoint tolerances. ``seminorm=True`` leaves the parameter-gradient
-  components ``a_θ`` out of error control (Kidger et al., 2021).
-- ``checkpoint``: the forward solve keeps only the state at each accepted step
-  boundary; the backward pass recomputes one step at a time and backpropagates
-  through it. Same gradient as ``direct``; memory grows with one state per step.
-
-Gradients with respect to the output times are attached by
-:func:`attach_time_gradients` for all three (the solution's derivative with
-respect to ``t_i`` is ``f(t_i, y_i)``).
-
-The adjoint's and checkpoint's backward passes, and the time gradients, are
-first order: differentiating their results again raises (``_first_order_only``)
-instead of silently giving zero. The adjoint and checkpoint differentiate the
-state and ``params`` only; by default (``params`` the parameters of ``f``) their
-backward raises if ``f`` uses another tensor that requires grad
-(``_untracked_inputs``), which would otherwise get no gradient.
+Gradients with respect to the output times are attached by :func:`attach_time_gradients` for
+all three (the solution's derivative with respect to `t_i` is `f(t_i, y_i)`). The adjoint's and
+checkpoint's backward passes, and the time gradients, are first order: differentiating their
+results again raises (`_first_order_only`) instead of silently giving zero; with `f`'s own
+parameters as `params`, their backward also raises if `f` uses another tensor that requires
+grad (`_untracked_inputs`), which would otherwise get no gradient.
 """
 
 from __future__ import annotations
