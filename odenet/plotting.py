@@ -26,7 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import ODEBlock, ResBlock
-from .odeint import _fixed_grid, make_options, solve_with_options
+from .odeint import solve_with_options
+from .options import options_from
+from .solvers.control import Fixed
 from .solvers.stats import SolveStats
 
 __all__ = [
@@ -75,6 +77,7 @@ def _style(ax) -> None:
 
 
 def _numpy(x) -> np.ndarray:
+    """`x` (tensor or array-like) as a float64 NumPy array; names the torch/NumPy pair to install if they clash."""
     if isinstance(x, Tensor):
         x = x.detach().cpu().double()
         try:
@@ -110,10 +113,8 @@ def _segments(block) -> List[_Segment]:
         o = block.options
         if o.adaptive:
             return [_Segment(block.f, block.t0, block.t1, None, o, o.solver_name)]
-        grid = _fixed_grid([block.t0, block.t1], o.steps, o.step_size)
-        if o.steps is None and o.step_size is None:
-            grid = [block.t0, block.t1]  # one step over the block, as the block itself takes
-        stepper = dataclasses.replace(o, steps=None, step_size=None)  # one step per grid interval
+        grid = list(o.control.grid([block.t0, block.t1]))  # one step over the block without steps/step_size
+        stepper = dataclasses.replace(o, control=Fixed())  # one step per grid interval
         return [_Segment(block.f, block.t0, block.t1, grid, stepper, o.solver_name)]
     if isinstance(block, (nn.Sequential, nn.ModuleList)):
         children = list(block)
@@ -134,7 +135,7 @@ def _trajectory_data(block, x: Tensor, n_points: int, reference: str, rtol: floa
     """Continuous curve (depth [M], states [M, B, ...]) and discrete states (depth [K], states [K, B, ...] or None)."""
     segs = _segments(block)
     total = sum(abs(s.t1 - s.t0) for s in segs)
-    ref_opts = make_options(reference, rtol=rtol, atol=atol)
+    ref_opts = options_from(reference, rtol=rtol, atol=atol)
     depth0 = segs[0].t0
     c_depth: List[np.ndarray] = []
     c_states: List[Tensor] = []
@@ -197,79 +198,8 @@ def _project(c: np.ndarray, d: Optional[np.ndarray], dims: Optional[int]):
     return proj(c), (proj(d) if d is not None else None), labels
 
 
-def plot_trajectories(
-    block: nn.Module,
-    x: Tensor,
-    *,
-    labels: Optional[Union[Tensor, Sequence[int]]] = None,
-    color_by: Optional[str] = None,
-    dims: Optional[int] = None,
-    depth_axis: bool = False,
-    n_points: int = 100,
-    reference_solver: str = "dopri5",
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    class_names: Optional[Sequence[str]] = None,
-    cmap: str = "viridis",
-    title: Optional[str] = None,
-    legend: bool = True,
-    ax=None,
-):
-    """Draw hidden states through depth: the trajectories `x(t)` that a block moves its inputs along.
-
-    For a **continuous** block (`ODEBlock` with an adaptive solver) the curves are the block's
-    own solve (its solver and tolerances) at `n_points` depths. For a **discrete** block — a
-    `ResBlock`, an `ODEBlock` with a fixed-step solver (`"euler"`, `"rk4"`, ... with `steps=N`),
-    or an `nn.Sequential` of such blocks — the states the model actually computes after each of
-    its N steps are drawn as markers, joined by thin dashed lines, on top of the continuous ODE
-    curve of the same `f` solved accurately by `reference_solver`. Where markers leave the
-    curve, the ResNet and the ODE it discretises part ways.
-
-    States with one dimension are drawn against depth; two or three dimensions are drawn as
-    they are; more dimensions (including images, flattened) are projected on their first
-    principal components, fitted to all states along the continuous curves.
-
-    **Arguments:**
-
-    - `block`: an `odenet.ODEBlock`, an `odenet.ResBlock`, or an `nn.Sequential`/`nn.ModuleList`
-      of them (consecutive blocks follow each other in depth; each uses its own `f`).
-    - `x`: batched inputs of the block, `[B, ...]` (apply `odenet.Augment` or any input layer
-      first). Keep `B` to a few hundred for a readable figure.
-    - `labels`: optional class of each input, `[B]` integers.
-    - `color_by`: `"class"` (default when `labels` is given) or `"depth"` (default otherwise:
-      curves and markers coloured by depth along `cmap`, with a colour bar).
-    - `dims`: number of plotted state coordinates (1, 2 or 3; default: the state dimension if
-      at most 3, else 2 principal components).
-    - `depth_axis`: add depth as an axis (1-D states and `dims=1` always have it): a 2-D state
-      then gives a 3-D picture with depth rising along the vertical axis.
-    - `n_points`: points along each continuous curve (default 100).
-    - `reference_solver`, `rtol`, `atol`: how the continuous curve of a discrete block is solved
-      (default `"dopri5"` at `1e-5`).
-    - `class_names`: legend names of the classes (default `"class k"`).
-    - `cmap`: colour map for `color_by="depth"` (default `"viridis"`).
-    - `title`: axes title (default: a description of the block).
-    - `legend`: draw the legend (default `True`).
-    - `ax`: a matplotlib `Axes` to draw into (a 3-D one for 3-D pictures); default a new figure.
-
-    **Returns:** the `matplotlib.figure.Figure`.
-
-    **Raises:** `TypeError`/`ValueError` for an unsupported block, an unbatched `x`, labels of
-    the wrong length, or `dims`/`color_by` out of range.
-
-    **Example:**
-
-    ```python
-    f = odenet.MLPDynamics(dim=2, hidden=32)
-    x = torch.randn(64, 2)
-    labels = (x.norm(dim=1) > 1).long()
-    fig = odenet.plotting.plot_trajectories(odenet.ODEBlock(f, solver="euler", steps=8), x, labels=labels)
-    fig.savefig("trajectories.png", dpi=150)
-    ```
-    """
-    from matplotlib.collections import LineCollection
-    from matplotlib.colors import Normalize
-    from matplotlib.lines import Line2D
-
+def _trajectory_args(x, n_points, dims, labels, color_by):
+    """Check plot_trajectories' inputs; return the labels as integers (or None) and the colouring."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point torch.Tensor, got {type(x).__name__}.")
     if x.dim() < 2:
@@ -278,12 +208,13 @@ def plot_trajectories(
         raise ValueError(f"n_points must be an integer >= 2, got {n_points!r}.")
     if dims is not None and dims not in (1, 2, 3):
         raise ValueError(f"dims must be 1, 2 or 3 (or None for automatic), got {dims!r}.")
-    B = x.shape[0]
     lab = None
     if labels is not None:
         lab = _numpy(labels).astype(int).reshape(-1)
-        if lab.shape[0] != B:
-            raise ValueError(f"labels has {lab.shape[0]} entries but x has a batch of {B}; give one label per input.")
+        if lab.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"labels has {lab.shape[0]} entries but x has a batch of {x.shape[0]}; give one label per input."
+            )
         if (lab < 0).any():
             raise ValueError("labels must be non-negative class indices.")
     if color_by is None:
@@ -292,95 +223,100 @@ def plot_trajectories(
         raise ValueError(f"color_by must be 'class' or 'depth', got {color_by!r}.")
     if color_by == "class" and lab is None:
         raise ValueError("color_by='class' needs labels=; pass the class of each input or use color_by='depth'.")
+    return lab, color_by
 
-    (c_depth, c_states), disc, segs, disc_names = _trajectory_data(block, x, n_points, reference_solver, rtol, atol)
+
+def _with_depth(states: np.ndarray, depth: np.ndarray, first: bool) -> np.ndarray:
+    """States [N, B, P] with their depth [N] added as the first (depth on x) or last (depth on z) coordinate."""
+    dep = np.broadcast_to(depth[:, None, None], states.shape[:2] + (1,))
+    return np.concatenate([dep, states], -1) if first else np.concatenate([states, dep], -1)
+
+
+def _trajectory_coords(c_depth: np.ndarray, c_states: Tensor, disc, dims: Optional[int], depth_axis: bool):
+    """Plot coordinates of the curves [M, B, k] and of the discrete states [K, B, k] (or None),
+    their axis labels, and whether depth is one of them."""
+    B = c_states.shape[1]
     c = _numpy(c_states).reshape(c_states.shape[0], B, -1)
     d = _numpy(disc[1]).reshape(disc[1].shape[0], B, -1) if disc is not None else None
-    d_depth = disc[0] if disc is not None else None
     if c.shape[-1] == 1:
         depth_axis = True
         if dims not in (None, 1):
             raise ValueError(f"the state has one dimension; dims={dims} is not possible.")
-    c, d, coord_labels = _project(c, d, dims)
+    c, d, labels = _project(c, d, dims)
     P = c.shape[-1]
     if P == 1:  # one plotted coordinate (a 1-D state, or dims=1): drawn against depth
         depth_axis = True
     if depth_axis and P == 3:
         raise ValueError("depth_axis=True with 3 state coordinates would need 4 axes; use dims=2 or depth_axis=False.")
+    if not depth_axis:
+        return c, d, labels, False
+    # Depth is the x axis of one coordinate, the vertical (z) axis of two.
+    C = _with_depth(c, c_depth, P == 1)
+    Dd = _with_depth(d, disc[0], P == 1) if d is not None else None
+    return C, Dd, (["depth $t$", labels[0]] if P == 1 else labels + ["depth $t$"]), True
 
-    # Plot coordinates: depth first when it is an axis (1-D states: depth on x; 2-D: depth on z).
-    def coords(states: np.ndarray, depth: np.ndarray) -> np.ndarray:
-        if not depth_axis:
-            return states
-        dep = np.broadcast_to(depth[:, None, None], states.shape[:2] + (1,))
-        return np.concatenate([dep, states], -1) if P == 1 else np.concatenate([states, dep], -1)
 
-    C = coords(c, c_depth)  # [M, B, k]
-    Dd = coords(d, d_depth) if d is not None else None
-    k = C.shape[-1]
-    axis_labels = (["depth $t$", coord_labels[0]] if P == 1 else coord_labels + ["depth $t$"]) if depth_axis else coord_labels
-    three_d = k == 3
-    fig, ax = _new_axes(ax, (6.4, 5.6) if three_d else ((7.0, 4.2) if k == 2 and depth_axis else (5.8, 5.2)),
-                        "3d" if three_d else None)
+def _line_collection(ax, lines, **kw) -> None:
+    """Add a collection of `lines` (3-D ones on 3-D axes) to `ax`."""
+    if ax.name == "3d":
+        from mpl_toolkits.mplot3d.art3d import Line3DCollection
 
-    norm = Normalize(vmin=float(c_depth.min()), vmax=float(c_depth.max()))
-    classes = sorted(set(lab.tolist())) if lab is not None else []
-    class_color = {cl: _PALETTE[i % len(_PALETTE)] for i, cl in enumerate(classes)}
-    if three_d:
-        from mpl_toolkits.mplot3d.art3d import Line3DCollection as LC
+        ax.add_collection3d(Line3DCollection(lines, **kw))
     else:
-        LC = LineCollection
-    discrete = Dd is not None
+        from matplotlib.collections import LineCollection
+
+        ax.add_collection(LineCollection(lines, **kw))
+
+
+def _scatter(ax, points: np.ndarray, **kw) -> None:
+    """Scatter points [N, 2], or [N, 3] on 3-D axes (without depth shading)."""
+    if ax.name == "3d":
+        ax.scatter(points[:, 0], points[:, 1], points[:, 2], depthshade=False, **kw)
+    else:
+        ax.scatter(points[:, 0], points[:, 1], **kw)
+
+
+def _colour_kw(depths: np.ndarray, B: int, colours, cmap, norm) -> Dict[str, Any]:
+    """Scatter colours of B trajectories' states at `depths`: one per trajectory (`colours`), or by depth."""
+    if colours is not None:
+        return dict(c=list(np.tile(np.array(colours, dtype=object), len(depths))))
+    return dict(c=np.repeat(depths, B), cmap=cmap, norm=norm)
+
+
+def _draw_curves(ax, C: np.ndarray, c_depth: np.ndarray, colours, cmap, norm, discrete: bool) -> None:
+    """Draw the continuous curves [M, B, k]: one colour per curve (`colours`), or coloured by depth."""
+    B, k = C.shape[1], C.shape[2]
     lw = 0.9 if B > 100 else 1.3
     alpha = 0.55 if discrete else (0.5 if B > 100 else 0.75)
+    if colours is not None:
+        _line_collection(ax, [C[:, b, :] for b in range(B)], colors=colours, linewidths=lw, alpha=alpha, zorder=2)
+        return
+    segs = np.stack([C[:-1], C[1:]], axis=2).transpose(1, 0, 2, 3).reshape(-1, 2, k)  # [B * (M-1), 2, k]
+    mid = np.repeat(0.5 * (c_depth[:-1] + c_depth[1:])[None, :], B, 0).reshape(-1)
+    _line_collection(ax, segs, cmap=cmap, norm=norm, linewidths=lw, alpha=alpha, zorder=2, array=mid)
 
-    # Continuous curves.
-    if color_by == "class":
-        lines = [C[:, b, :] for b in range(B)]
-        col = LC(lines, colors=[class_color[v] for v in lab], linewidths=lw, alpha=alpha, zorder=2)
+
+def _draw_states(ax, C, Dd, c_depth, d_depth, colours, cmap, norm) -> None:
+    """Mark the discrete states (dashed polygons, markers) or else the curves' ends, and the inputs (hollow)."""
+    B, k = C.shape[1], C.shape[2]
+    big = B > 100
+    if Dd is not None:
+        _line_collection(ax, [Dd[:, b, :] for b in range(B)], colors="0.25", linewidths=0.5, linestyles=(0, (2, 2)),
+                         alpha=0.6, zorder=3)
+        _scatter(ax, Dd[1:].reshape(-1, k), s=10 if big else 22, edgecolors="0.15", linewidths=0.5, zorder=4,
+                 **_colour_kw(d_depth[1:], B, colours, cmap, norm))
     else:
-        segs_xy = np.stack([C[:-1], C[1:]], axis=2)  # [M-1, B, 2, k]
-        segs_xy = segs_xy.transpose(1, 0, 2, 3).reshape(-1, 2, k)
-        mid = np.repeat(0.5 * (c_depth[:-1] + c_depth[1:])[None, :], B, 0).reshape(-1)
-        col = LC(segs_xy, cmap=cmap, norm=norm, linewidths=lw, alpha=alpha, zorder=2)
-        col.set_array(mid)
-    if three_d:
-        ax.add_collection3d(col)
-    else:
-        ax.add_collection(col)
+        _scatter(ax, C[-1], s=8 if big else 18, edgecolors="0.15", linewidths=0.5, zorder=4,
+                 **_colour_kw(c_depth[-1:], B, colours, cmap, norm))
+    _scatter(ax, C[0], facecolors="white", edgecolors="0.2", s=7 if big else 14, linewidths=0.7, zorder=5)
 
-    def scatter(points: np.ndarray, **kw):
-        if three_d:
-            return ax.scatter(points[:, 0], points[:, 1], points[:, 2], depthshade=False, **kw)
-        return ax.scatter(points[:, 0], points[:, 1], **kw)
 
-    def colours_at(depths: np.ndarray, n: int):
-        if color_by == "class":
-            return np.tile(np.array([class_color[v] for v in lab], dtype=object), n)
-        return np.repeat(depths, B)
-
-    ckw = dict(cmap=cmap, norm=norm) if color_by == "depth" else {}
-    # Discrete states: dashed polygon + markers on top.
-    if discrete:
-        K = Dd.shape[0]
-        poly = LC([Dd[:, b, :] for b in range(B)], colors="0.25", linewidths=0.5, linestyles=(0, (2, 2)), alpha=0.6, zorder=3)
-        if three_d:
-            ax.add_collection3d(poly)
-        else:
-            ax.add_collection(poly)
-        inner = Dd[1:].reshape(-1, k)
-        scatter(inner, c=colours_at(d_depth[1:], K - 1) if color_by == "depth" else list(colours_at(d_depth[1:], K - 1)),
-                s=22 if B <= 100 else 10, edgecolors="0.15", linewidths=0.5, zorder=4, **ckw)
-    else:
-        end = C[-1]
-        scatter(end, c=colours_at(c_depth[-1:], 1) if color_by == "depth" else list(colours_at(c_depth[-1:], 1)),
-                s=18 if B <= 100 else 8, edgecolors="0.15", linewidths=0.5, zorder=4, **ckw)
-    # Starting points: hollow circles.
-    scatter(C[0], facecolors="white", edgecolors="0.2", s=14 if B <= 100 else 7, linewidths=0.7, zorder=5)
-
-    # Limits (collections do not autoscale 3-D axes) and labels.
+def _finish_trajectory_axes(ax, C: np.ndarray, Dd: Optional[np.ndarray], axis_labels: List[str], depth_axis: bool):
+    """Fit the limits to all states (collections do not autoscale 3-D axes), label and style the axes."""
+    k = C.shape[-1]
     pts = C.reshape(-1, k) if Dd is None else np.concatenate([C.reshape(-1, k), Dd.reshape(-1, k)])
     pts = pts[np.isfinite(pts).all(1)]
+    three_d = ax.name == "3d"
     if three_d and len(pts):
         lo, hi = pts.min(0), pts.max(0)
         pad = 0.05 * np.maximum(hi - lo, 1e-9)
@@ -401,30 +337,103 @@ def plot_trajectories(
         if not depth_axis:
             ax.set_aspect("equal", adjustable="datalim")
 
-    if color_by == "depth":
+
+def _trajectory_legend(ax, class_color: Dict[int, str], class_names, discrete: bool, reference_solver: str) -> None:
+    """Legend: the classes in `class_color`, the curves, the residual states (if discrete), the inputs."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colour, lw=2,
+                      label=(class_names[cl] if class_names is not None and cl < len(class_names) else f"class {cl}"))
+               for cl, colour in class_color.items()]
+    handles.append(Line2D([], [], color="0.35", lw=1.3,
+                          label=f"continuous ODE ({reference_solver})" if discrete else "trajectory"))
+    if discrete:
+        handles.append(Line2D([], [], color="0.25", lw=0.6, ls=(0, (2, 2)), marker="o", markersize=5,
+                              markerfacecolor="0.6", markeredgecolor="0.15", label="residual states"))
+    handles.append(Line2D([], [], ls="", marker="o", markersize=5, markerfacecolor="white",
+                          markeredgecolor="0.2", label="input $x(t_0)$"))
+    ax.legend(handles=handles, fontsize=8, framealpha=0.85, loc="best")
+
+
+def plot_trajectories(
+    block: nn.Module,
+    x: Tensor,
+    *,
+    labels: Optional[Union[Tensor, Sequence[int]]] = None,
+    color_by: Optional[str] = None,
+    dims: Optional[int] = None,
+    depth_axis: bool = False,
+    n_points: int = 100,
+    reference_solver: str = "dopri5",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    class_names: Optional[Sequence[str]] = None,
+    cmap: str = "viridis",
+    title: Optional[str] = None,
+    legend: bool = True,
+    ax=None,
+):
+    """Draw hidden states through depth: the trajectories `x(t)` along which a block moves its inputs.
+
+    A **continuous** block (an adaptive `ODEBlock`) is drawn as its own solve. A **discrete** one
+    (a `ResBlock`, a fixed-step `ODEBlock`, or a stack of them) draws the states it computes after
+    each step as markers on the continuous ODE curve of the same `f`: where they leave it, the
+    ResNet and its ODE part ways. States over three dimensions (images too) go on principal components.
+
+    **Arguments:**
+
+    - `block`: an `odenet.ODEBlock`, an `odenet.ResBlock`, or an `nn.Sequential`/`nn.ModuleList` of them.
+    - `x`: batched inputs of the block, `[B, ...]` (apply `odenet.Augment` or any input layer first).
+    - `labels`: optional class of each input, `[B]` integers.
+    - `color_by`: `"class"` (default with `labels`) or `"depth"` (along `cmap`, with a colour bar).
+    - `dims`: plotted state coordinates, 1, 2 or 3 (default: the state dimension up to 3, else 2).
+    - `depth_axis`: add depth as an axis (a 2-D state then gives a 3-D picture; always on for one coordinate).
+    - `n_points`: points along each continuous curve (default 100).
+    - `reference_solver`, `rtol`, `atol`: how a discrete block's curve is solved (default `"dopri5"`, `1e-5`).
+    - `class_names`: legend names of the classes (default `"class k"`).
+    - `cmap`: colour map for `color_by="depth"` (default `"viridis"`).
+    - `title`, `legend`: the axes title (default: a description of the block); whether to draw the legend.
+    - `ax`: a matplotlib `Axes` to draw into (3-D for a 3-D picture); default a new figure.
+
+    **Returns:** the `matplotlib.figure.Figure`.
+
+    **Raises:** `TypeError`/`ValueError` for an unsupported block, an unbatched `x`, labels of
+    the wrong length, or `dims`/`color_by` out of range.
+
+    **Example:**
+
+    ```python
+    x = torch.randn(64, 2)
+    block = odenet.ODEBlock(odenet.MLPDynamics(dim=2, hidden=32), solver="euler", steps=8)
+    fig = odenet.plotting.plot_trajectories(block, x, labels=(x.norm(dim=1) > 1).long())
+    ```
+    """
+    from matplotlib.colors import Normalize
+
+    lab, color_by = _trajectory_args(x, n_points, dims, labels, color_by)
+    (c_depth, c_states), disc, segs, disc_names = _trajectory_data(block, x, n_points, reference_solver, rtol, atol)
+    C, Dd, axis_labels, depth_axis = _trajectory_coords(c_depth, c_states, disc, dims, depth_axis)
+    k = C.shape[-1]
+    size = (6.4, 5.6) if k == 3 else ((7.0, 4.2) if k == 2 and depth_axis else (5.8, 5.2))
+    fig, ax = _new_axes(ax, size, "3d" if k == 3 else None)
+    norm = Normalize(vmin=float(c_depth.min()), vmax=float(c_depth.max()))
+    by_class = color_by == "class"
+    class_color = {cl: _PALETTE[i % len(_PALETTE)] for i, cl in enumerate(sorted(set(lab.tolist())))} if by_class else {}
+    colours = [class_color[v] for v in lab] if by_class else None
+    _draw_curves(ax, C, c_depth, colours, cmap, norm, discrete=Dd is not None)
+    _draw_states(ax, C, Dd, c_depth, disc[0] if disc is not None else None, colours, cmap, norm)
+    _finish_trajectory_axes(ax, C, Dd, axis_labels, depth_axis)
+    if not by_class:
         from matplotlib.cm import ScalarMappable
 
         fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="depth $t$", shrink=0.8,
-                     pad=0.08 if three_d else 0.02)
+                     pad=0.08 if k == 3 else 0.02)
     if title is None:
-        n_disc = 0 if Dd is None else Dd.shape[0] - 1
-        if discrete:
-            title = f"{n_disc} discrete steps ({', '.join(disc_names)}) on the continuous flow of the same $f$"
-        else:
-            title = f"Continuous-depth trajectories ({segs[0].name})"
+        title = (f"{Dd.shape[0] - 1} discrete steps ({', '.join(disc_names)}) on the continuous flow of the same $f$"
+                 if Dd is not None else f"Continuous-depth trajectories ({segs[0].name})")
     ax.set_title(title, fontsize=10)
     if legend:
-        handles = [Line2D([], [], color=class_color[cl], lw=2,
-                          label=(class_names[cl] if class_names is not None and cl < len(class_names) else f"class {cl}"))
-                   for cl in classes] if color_by == "class" else []
-        handles.append(Line2D([], [], color="0.35", lw=1.3,
-                              label=f"continuous ODE ({reference_solver})" if discrete else "trajectory"))
-        if discrete:
-            handles.append(Line2D([], [], color="0.25", lw=0.6, ls=(0, (2, 2)), marker="o", markersize=5,
-                                  markerfacecolor="0.6", markeredgecolor="0.15", label="residual states"))
-        handles.append(Line2D([], [], ls="", marker="o", markersize=5, markerfacecolor="white",
-                              markeredgecolor="0.2", label="input $x(t_0)$"))
-        ax.legend(handles=handles, fontsize=8, framealpha=0.85, loc="best")
+        _trajectory_legend(ax, class_color, class_names, Dd is not None, reference_solver)
     return fig
 
 
@@ -432,6 +441,7 @@ def plot_trajectories(
 
 
 def _dtype_device(f, dtype, device):
+    """The grid's dtype and device: as given, else those of `f`'s first parameter, else the defaults."""
     if dtype is None or device is None:
         p = next(f.parameters(), None) if isinstance(f, nn.Module) else None
         if dtype is None:
@@ -442,6 +452,7 @@ def _dtype_device(f, dtype, device):
 
 
 def _check_range(name: str, r) -> Tuple[float, float]:
+    """`r` as a finite `(low, high)` pair with `low < high`."""
     try:
         a, b = (float(v) for v in r)
     except (TypeError, ValueError):
@@ -449,6 +460,93 @@ def _check_range(name: str, r) -> Tuple[float, float]:
     if not (math.isfinite(a) and math.isfinite(b) and a < b):
         raise ValueError(f"{name} must be (low, high) with low < high, got {r!r}.")
     return a, b
+
+
+def _field_args(f, xlim, ylim, n, style: str, t):
+    """Check plot_vector_field's inputs; return the ranges `(x0, x1)`, `(y0, y1)` and the times."""
+    if not callable(f):
+        raise TypeError(f"f must be callable as f(t, x), got {type(f).__name__}.")
+    xr, yr = _check_range("xlim", xlim), _check_range("ylim", ylim)
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 2:
+        raise ValueError(f"n (grid points per axis) must be an integer >= 2, got {n!r}.")
+    if style not in ("stream", "quiver"):
+        raise ValueError(f"style must be 'stream' or 'quiver', got {style!r}.")
+    times = [t] if isinstance(t, numbers.Real) or (isinstance(t, Tensor) and t.dim() == 0) else list(t)
+    try:
+        times = [float(v) for v in times]
+    except (TypeError, ValueError):
+        raise TypeError(f"t must be a number or a sequence of numbers, got {t!r}.") from None
+    if not times:
+        raise ValueError("t is empty; give at least one time.")
+    return xr, yr, times
+
+
+def _field_on_grid(f, times: List[float], xs: np.ndarray, ys: np.ndarray, dtype, device):
+    """`f(t, ·)` on the grid `xs × ys` at each time, as `(U, V)` arrays [n, n]; `f` must map [N, 2] to [N, 2]."""
+    X, Y = np.meshgrid(xs, ys)
+    grid = torch.tensor(np.stack([X.ravel(), Y.ravel()], 1), dtype=dtype, device=device)
+    fields = []
+    with torch.no_grad():
+        for tv in times:
+            out = f(torch.full((), tv, dtype=dtype, device=device), grid)
+            if not isinstance(out, Tensor) or out.shape != grid.shape:
+                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(
+                    f"f must map a batch of 2-D points [N, 2] to [N, 2] (a 2-D dynamics), got {got} for input "
+                    f"{tuple(grid.shape)}. For higher dimensions plot trajectories with plot_trajectories."
+                )
+            v = _numpy(out)
+            fields.append((v[:, 0].reshape(X.shape), v[:, 1].reshape(X.shape)))
+    return fields
+
+
+def _field_axes(ax, K: int):
+    """`(figure, axes)`: K panels side by side in a new figure, or the given Axes, one per time."""
+    if ax is None:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(4.2 * K + 0.8, 4.2), layout="constrained")
+        return fig, [fig.add_subplot(1, K, i + 1) for i in range(K)]
+    axes = list(ax) if isinstance(ax, (list, tuple, np.ndarray)) else [ax]
+    axes = list(np.asarray(axes, dtype=object).ravel())
+    if len(axes) != K:
+        raise ValueError(f"got {len(axes)} axes for {K} times; give one Axes per time in t.")
+    fig, _ = _new_axes(axes[0], (5, 5))
+    for a in axes[1:]:
+        _new_axes(a, (5, 5))
+    return fig, axes
+
+
+def _overlay(trajectories) -> Optional[np.ndarray]:
+    """The trajectories to overlay as [M, B, 2] (from [M, 2] or [M, B, 2]), or None."""
+    if trajectories is None:
+        return None
+    traj = _numpy(trajectories)
+    if traj.ndim == 2:
+        traj = traj[:, None, :]
+    if traj.ndim != 3 or traj.shape[-1] != 2:
+        raise ValueError(f"trajectories must have shape [M, 2] or [M, B, 2], got {traj.shape}.")
+    return traj
+
+
+def _draw_field(a, xs: np.ndarray, ys: np.ndarray, U: np.ndarray, V: np.ndarray, style: str, cmap, norm):
+    """Draw one field as streamlines or unit arrows coloured by speed; return the colour mappable."""
+    S = np.hypot(U, V)
+    if style == "stream":
+        sp = a.streamplot(xs, ys, U, V, color=S, cmap=cmap, norm=norm, density=1.1, linewidth=1.0, arrowsize=0.9)
+        return sp.lines
+    X, Y = np.meshgrid(xs, ys)
+    scale = np.where(S > 0, S, 1.0)
+    return a.quiver(X, Y, U / scale, V / scale, S, cmap=cmap, norm=norm, pivot="mid",
+                    scale=len(xs) * 1.3, width=0.004, headwidth=3.5)
+
+
+def _draw_paths(a, traj: np.ndarray) -> None:
+    """Overlay trajectories [M, B, 2]: red lines on a white halo, their starts as circles."""
+    for b in range(traj.shape[1]):
+        a.plot(traj[:, b, 0], traj[:, b, 1], color="white", lw=3.0, alpha=0.9, zorder=4)
+        a.plot(traj[:, b, 0], traj[:, b, 1], color="#d62728", lw=1.4, zorder=5)
+    a.scatter(traj[0, :, 0], traj[0, :, 1], s=18, c="white", edgecolors="#d62728", zorder=6)
 
 
 def plot_vector_field(
@@ -469,13 +567,11 @@ def plot_vector_field(
 ):
     """Draw a 2-D dynamics `dx/dt = f(t, x)` on a grid, at one time or at several ("slider") times.
 
-    Arrows or streamlines are coloured by speed `||f||`; several times share one colour scale,
-    so panels compare directly.
+    Streamlines or arrows are coloured by speed `||f||`, on one colour scale for all times.
 
     **Arguments:**
 
-    - `f`: a callable `f(t, x)` (e.g. an `nn.Module`) mapping `t` (0-dim tensor) and a batch
-      `[N, 2]` to `[N, 2]`.
+    - `f`: a callable `f(t, x)` (e.g. an `nn.Module`) mapping `t` (0-dim tensor) and `[N, 2]` to `[N, 2]`.
     - `xlim`, `ylim`: the plotted square (default `(-2, 2)` each).
     - `t`: the time, or a sequence of times: one panel per time, side by side.
     - `n`: grid points per axis (default 25).
@@ -500,85 +596,22 @@ def plot_vector_field(
     fig = odenet.plotting.plot_vector_field(lambda t, y: (y**3) @ A.T, xlim=(-2, 2), ylim=(-2, 2))
     f = odenet.MLPDynamics(dim=2, hidden=16)                          # time-dependent
     fig = odenet.plotting.plot_vector_field(f, t=[0.0, 0.5, 1.0])     # three panels
-    fig.savefig("field.png")
     ```
     """
     from matplotlib.colors import Normalize
 
-    if not callable(f):
-        raise TypeError(f"f must be callable as f(t, x), got {type(f).__name__}.")
-    x0, x1 = _check_range("xlim", xlim)
-    y0, y1 = _check_range("ylim", ylim)
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 2:
-        raise ValueError(f"n (grid points per axis) must be an integer >= 2, got {n!r}.")
-    if style not in ("stream", "quiver"):
-        raise ValueError(f"style must be 'stream' or 'quiver', got {style!r}.")
-    times = [t] if isinstance(t, numbers.Real) or (isinstance(t, Tensor) and t.dim() == 0) else list(t)
-    try:
-        times = [float(v) for v in times]
-    except (TypeError, ValueError):
-        raise TypeError(f"t must be a number or a sequence of numbers, got {t!r}.") from None
-    if not times:
-        raise ValueError("t is empty; give at least one time.")
+    (x0, x1), (y0, y1), times = _field_args(f, xlim, ylim, n, style, t)
     dtype, device = _dtype_device(f, dtype, device)
-
-    xs = np.linspace(x0, x1, n)
-    ys = np.linspace(y0, y1, n)
-    X, Y = np.meshgrid(xs, ys)
-    grid = torch.tensor(np.stack([X.ravel(), Y.ravel()], 1), dtype=dtype, device=device)
-    fields = []
-    with torch.no_grad():
-        for tv in times:
-            out = f(torch.full((), tv, dtype=dtype, device=device), grid)
-            if not isinstance(out, Tensor) or out.shape != grid.shape:
-                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                raise ValueError(
-                    f"f must map a batch of 2-D points [N, 2] to [N, 2] (a 2-D dynamics), got {got} for input "
-                    f"{tuple(grid.shape)}. For higher dimensions plot trajectories with plot_trajectories."
-                )
-            v = _numpy(out)
-            fields.append((v[:, 0].reshape(n, n), v[:, 1].reshape(n, n)))
+    xs, ys = np.linspace(x0, x1, n), np.linspace(y0, y1, n)
+    fields = _field_on_grid(f, times, xs, ys, dtype, device)
     speed_max = max(float(np.nanmax(np.hypot(u, w))) for u, w in fields)
     norm = Normalize(vmin=0.0, vmax=speed_max if speed_max > 0 else 1.0)
-
-    K = len(times)
-    if ax is None:
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(4.2 * K + 0.8, 4.2), layout="constrained")
-        axes = [fig.add_subplot(1, K, i + 1) for i in range(K)]
-    else:
-        axes = list(ax) if isinstance(ax, (list, tuple, np.ndarray)) else [ax]
-        axes = list(np.asarray(axes, dtype=object).ravel())
-        if len(axes) != K:
-            raise ValueError(f"got {len(axes)} axes for {K} times; give one Axes per time in t.")
-        fig, _ = _new_axes(axes[0], (5, 5))
-        for a in axes[1:]:
-            _new_axes(a, (5, 5))
-
-    traj = None
-    if trajectories is not None:
-        traj = _numpy(trajectories)
-        if traj.ndim == 2:
-            traj = traj[:, None, :]
-        if traj.ndim != 3 or traj.shape[-1] != 2:
-            raise ValueError(f"trajectories must have shape [M, 2] or [M, B, 2], got {traj.shape}.")
-
-    mappable = None
+    fig, axes = _field_axes(ax, len(times))
+    traj = _overlay(trajectories)
     for a, tv, (U, V) in zip(axes, times, fields):
-        S = np.hypot(U, V)
-        if style == "stream":
-            sp = a.streamplot(xs, ys, U, V, color=S, cmap=cmap, norm=norm, density=1.1, linewidth=1.0, arrowsize=0.9)
-            mappable = sp.lines
-        else:
-            scale = np.where(S > 0, S, 1.0)
-            mappable = a.quiver(X, Y, U / scale, V / scale, S, cmap=cmap, norm=norm, pivot="mid",
-                                scale=n * 1.3, width=0.004, headwidth=3.5)
+        mappable = _draw_field(a, xs, ys, U, V, style, cmap, norm)
         if traj is not None:
-            for b in range(traj.shape[1]):
-                a.plot(traj[:, b, 0], traj[:, b, 1], color="white", lw=3.0, alpha=0.9, zorder=4)
-                a.plot(traj[:, b, 0], traj[:, b, 1], color="#d62728", lw=1.4, zorder=5)
-            a.scatter(traj[0, :, 0], traj[0, :, 1], s=18, c="white", edgecolors="#d62728", zorder=6)
+            _draw_paths(a, traj)
         a.set_xlim(x0, x1)
         a.set_ylim(y0, y1)
         a.set_aspect("equal")
@@ -596,6 +629,7 @@ def plot_vector_field(
 
 
 def _steps_of(solution) -> List[Tuple[float, float, bool]]:
+    """The steps of a Solution, or a sequence of them, as checked `(t, h, accepted)` tuples."""
     steps = getattr(solution, "steps", solution)
     if isinstance(steps, (str, bytes)) or not hasattr(steps, "__iter__"):
         raise TypeError(
@@ -678,6 +712,7 @@ _NFE_STYLE = {"nfe_forward": "-", "nfe_backward": "--", "nfe": ":"}
 
 
 def _columns(history) -> Dict[str, List[float]]:
+    """The history as columns `{key: [value per iteration]}`, None where an iteration lacks the key."""
     if isinstance(history, Mapping):
         return {str(k): list(v) for k, v in history.items() if hasattr(v, "__len__") and not isinstance(v, str)}
     if isinstance(history, (str, bytes)) or not hasattr(history, "__iter__"):
@@ -704,7 +739,38 @@ def _columns(history) -> Dict[str, List[float]]:
     return cols
 
 
+def _floats(values) -> np.ndarray:
+    """A history column as a float array, NaN for None."""
+    return np.array([np.nan if v is None else float(v) for v in values])
+
+
+def _nfe_keys(cols: Dict[str, List[Any]], keys) -> List[str]:
+    """The series to draw: the given `keys`, all in the history, or else the NFE series it has."""
+    if keys is not None:
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        missing = [k for k in keys if k not in cols]
+        if missing:
+            raise ValueError(f"keys {missing} are not in history (it has {sorted(cols)}).")
+        return keys
+    keys = []
+    for k in _NFE_KEYS:
+        if k in cols:
+            vals = _floats(cols[k])
+            if k == "nfe_backward" and not np.nan_to_num(vals).any():
+                continue
+            if k == "nfe" and "nfe_forward" in cols and "nfe_backward" not in keys:
+                continue  # total equals forward when there is no backward series
+            keys.append(k)
+    if not keys:
+        raise ValueError(
+            f"history has none of the keys {_NFE_KEYS}; it has {sorted(cols)}. Record "
+            "block.last_stats.as_dict() each iteration, or name the series with keys=."
+        )
+    return keys
+
+
 def _moving_average(y: np.ndarray, w: int) -> np.ndarray:
+    """Trailing moving average of `y` over windows of `w`, skipping NaNs."""
     out = np.full_like(y, np.nan)
     valid = np.isfinite(y)
     c = np.convolve(np.where(valid, y, 0.0), np.ones(w), mode="full")[: len(y)]
@@ -763,43 +829,24 @@ def plot_nfe_over_training(
     cols = _columns(history)
     if smooth is not None and (isinstance(smooth, bool) or not isinstance(smooth, numbers.Integral) or smooth < 1):
         raise ValueError(f"smooth must be a window length >= 1 (or None), got {smooth!r}.")
-    if keys is None:
-        keys = []
-        for k in _NFE_KEYS:
-            if k in cols:
-                vals = np.array([np.nan if v is None else float(v) for v in cols[k]])
-                if k == "nfe_backward" and not np.nan_to_num(vals).any():
-                    continue
-                if k == "nfe" and "nfe_forward" in cols and "nfe_backward" not in keys:
-                    continue  # total equals forward when there is no backward series
-                keys.append(k)
-        if not keys:
-            raise ValueError(
-                f"history has none of the keys {_NFE_KEYS}; it has {sorted(cols)}. Record "
-                "block.last_stats.as_dict() each iteration, or name the series with keys=."
-            )
-    else:
-        keys = [keys] if isinstance(keys, str) else list(keys)
-        missing = [k for k in keys if k not in cols]
-        if missing:
-            raise ValueError(f"keys {missing} are not in history (it has {sorted(cols)}).")
+    keys = _nfe_keys(cols, keys)
     if x is None:
         x = next((k for k in ("iteration", "step", "epoch") if k in cols), None)
     elif x not in cols:
         raise ValueError(f"x={x!r} is not a key of history (it has {sorted(cols)}).")
-    n = len(cols[keys[0]])
-    xs = np.array([float(v) for v in cols[x]]) if x is not None else np.arange(n, dtype=float)
+    xs = np.array([float(v) for v in cols[x]]) if x is not None else np.arange(len(cols[keys[0]]), dtype=float)
 
     fig, ax = _new_axes(ax, (7.0, 3.8))
     for k in keys:
-        ys = np.array([np.nan if v is None else float(v) for v in cols[k]])
+        ys = _floats(cols[k])
+        ls = _NFE_STYLE.get(k, "-")
         name = _NFE_NAMES.get(k, k)
         lab = f"{label}: {name}" if label else name
         if smooth and smooth > 1:
-            (raw,) = ax.plot(xs, ys, color=color, lw=0.7, alpha=0.3, ls=_NFE_STYLE.get(k, "-"))
-            ax.plot(xs, _moving_average(ys, smooth), color=raw.get_color(), lw=1.8, ls=_NFE_STYLE.get(k, "-"), label=lab)
+            (raw,) = ax.plot(xs, ys, color=color, lw=0.7, alpha=0.3, ls=ls)
+            ax.plot(xs, _moving_average(ys, smooth), color=raw.get_color(), lw=1.8, ls=ls, label=lab)
         else:
-            ax.plot(xs, ys, color=color, lw=1.5, ls=_NFE_STYLE.get(k, "-"), label=lab)
+            ax.plot(xs, ys, color=color, lw=1.5, ls=ls, label=lab)
     if log:
         ax.set_yscale("log")
     ax.set_xlabel(x or "iteration")
@@ -823,6 +870,7 @@ _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*"]
 
 
 def _rows(results) -> List[Dict[str, Any]]:
+    """The results as a list of metric dicts; `{label: dict or [dicts]}` gets the label as `"label"`."""
     if isinstance(results, Mapping):  # {label: {metrics}} or {label: [{metrics}, ...]}
         rows = []
         for name, v in results.items():
@@ -840,6 +888,19 @@ def _rows(results) -> List[Dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
+def _metrics(rows: List[Dict[str, Any]], x: str, y: str) -> Tuple[np.ndarray, np.ndarray]:
+    """The rows' `x` and `y` values as float arrays; every row must hold both as numbers."""
+    if not rows:
+        raise ValueError("results is empty; give at least one result.")
+    for i, r in enumerate(rows):
+        for key in (x, y):
+            if key not in r:
+                raise ValueError(f"result {i} has no {key!r} (it has {sorted(r)}); pass x=/y= to choose the keys.")
+            if isinstance(r[key], bool) or not isinstance(r[key], numbers.Real):
+                raise TypeError(f"result {i}: {key!r} must be a number, got {r[key]!r}.")
+    return np.array([float(r[x]) for r in rows]), np.array([float(r[y]) for r in rows])
+
+
 def _pareto_front(xs: np.ndarray, ys: np.ndarray, y_higher: bool) -> np.ndarray:
     """Indices of the points not dominated by another (lower x and better y), ordered by x."""
     order = np.lexsort((-ys if y_higher else ys, xs))
@@ -850,6 +911,21 @@ def _pareto_front(xs: np.ndarray, ys: np.ndarray, y_higher: bool) -> np.ndarray:
             front.append(i)
             best = yv
     return np.array(front, dtype=int)
+
+
+def _error_bars(rows: List[Dict[str, Any]], order: np.ndarray, key: str) -> Optional[List[float]]:
+    """The rows' `"<key>_std"` (0 where absent) in `order`, or None when all are 0."""
+    err = [float(rows[i].get(f"{key}_std", 0.0) or 0.0) for i in order]
+    return err if any(err) else None
+
+
+def _annotate(ax, rows: List[Dict[str, Any]], order: np.ndarray, xs: np.ndarray, ys: np.ndarray, key: str) -> None:
+    """Write each row's `key` value (where it has one) next to its point."""
+    for i in order:
+        if key in rows[i]:
+            v = rows[i][key]
+            ax.annotate(f"{v:g}" if isinstance(v, float) else str(v), (xs[i], ys[i]), xytext=(5, 4),
+                        textcoords="offset points", fontsize=7, color="0.3")
 
 
 def plot_pareto(
@@ -900,16 +976,7 @@ def plot_pareto(
     ```
     """
     rows = _rows(results)
-    if not rows:
-        raise ValueError("results is empty; give at least one result.")
-    for i, r in enumerate(rows):
-        for key in (x, y):
-            if key not in r:
-                raise ValueError(f"result {i} has no {key!r} (it has {sorted(r)}); pass x=/y= to choose the keys.")
-            if isinstance(r[key], bool) or not isinstance(r[key], numbers.Real):
-                raise TypeError(f"result {i}: {key!r} must be a number, got {r[key]!r}.")
-    xs = np.array([float(r[x]) for r in rows])
-    ys = np.array([float(r[y]) for r in rows])
+    xs, ys = _metrics(rows, x, y)
     groups: Dict[str, List[int]] = {}
     for i, r in enumerate(rows):
         groups.setdefault(str(r.get(label, "")), []).append(i)
@@ -920,20 +987,13 @@ def plot_pareto(
         ax.step(xs[idx], ys[idx], where="post", color="0.55", lw=1.2, ls="--", zorder=2, label="Pareto front")
         ax.scatter(xs[idx], ys[idx], s=160, facecolors="none", edgecolors="0.55", linewidths=1.0, zorder=2)
     for j, (name, idx) in enumerate(groups.items()):
-        idx = np.array(idx)
-        order = idx[np.argsort(xs[idx])]
-        colour = _PALETTE[j % len(_PALETTE)]
-        xerr = [float(rows[i].get(f"{x}_std", 0.0) or 0.0) for i in order]
-        yerr = [float(rows[i].get(f"{y}_std", 0.0) or 0.0) for i in order]
-        ax.errorbar(xs[order], ys[order], xerr=xerr if any(xerr) else None, yerr=yerr if any(yerr) else None,
-                    fmt=_MARKERS[j % len(_MARKERS)], color=colour, ms=7, mec="0.15", mew=0.6, ls="-" if connect else "none", lw=1.0,
-                    alpha=0.95, capsize=3, elinewidth=0.8, zorder=3, label=name or None)
+        order = np.array(idx)[np.argsort(xs[idx])]
+        ax.errorbar(xs[order], ys[order], xerr=_error_bars(rows, order, x), yerr=_error_bars(rows, order, y),
+                    fmt=_MARKERS[j % len(_MARKERS)], color=_PALETTE[j % len(_PALETTE)], ms=7, mec="0.15", mew=0.6,
+                    ls="-" if connect else "none", lw=1.0, alpha=0.95, capsize=3, elinewidth=0.8, zorder=3,
+                    label=name or None)
         if annotate:
-            for i in order:
-                if annotate in rows[i]:
-                    v = rows[i][annotate]
-                    ax.annotate(f"{v:g}" if isinstance(v, float) else str(v), (xs[i], ys[i]), xytext=(5, 4),
-                                textcoords="offset points", fontsize=7, color="0.3")
+            _annotate(ax, rows, order, xs, ys, annotate)
     if logx:
         ax.set_xscale("log")
     if logy:

@@ -256,3 +256,56 @@ def test_numpy_mismatch_names_the_fix(monkeypatch, f2, data2):
     monkeypatch.setattr(torch.Tensor, "numpy", unavailable)
     with pytest.raises(RuntimeError, match="numpy<2"):
         plotting.plot_trajectories(odenet.ODEBlock(f2, solver="rk4", steps=2), x, labels=y)
+
+
+def test_vector_field_into_one_axes_per_time(f2):
+    """A grid of Axes takes one time each, in order; the figure returned is theirs, with one shared colour bar."""
+    fig = Figure()
+    axes = np.array([[fig.add_subplot(2, 2, 2 * r + c + 1) for c in range(2)] for r in range(2)])
+    assert plotting.plot_vector_field(f2, t=[0.0, 0.25, 0.5, 0.75], n=6, ax=axes, title="f") is fig
+    assert [a.get_title() for a in axes.ravel()] == [f"f, $t = {t:g}$" for t in (0.0, 0.25, 0.5, 0.75)]
+    assert all(a.has_data() for a in axes.ravel()) and len(fig.axes) == 5
+
+
+def test_trajectory_legend_and_colour_bar_follow_color_by(f2, data2):
+    """Coloured by class: class entries (named by class_names), no colour bar. By depth: a colour bar, no classes."""
+    x, y = data2
+    block = odenet.ODEBlock(f2, solver="euler", steps=4)
+    fig = plotting.plot_trajectories(block, x, labels=y, class_names=["in", "out"])
+    assert len(fig.axes) == 1
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [
+        "in", "out", "continuous ODE (dopri5)", "residual states", "input $x(t_0)$"]
+    fig = plotting.plot_trajectories(block, x, labels=y, color_by="depth")
+    assert len(fig.axes) == 2 and fig.axes[1].get_ylabel() == "depth $t$"
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [
+        "continuous ODE (dopri5)", "residual states", "input $x(t_0)$"]
+
+
+def test_nfe_series_and_x_axis_chosen_or_named():
+    rows = [{"epoch": i, "nfe_forward": 10 + i, "nfe_backward": 0, "nfe": 10 + i, "loss": 1 / (i + 1)} for i in range(5)]
+    ax = plotting.plot_nfe_over_training(rows).axes[0]
+    assert [ln.get_label() for ln in ax.get_lines()] == ["forward"]  # zero backward; total = forward
+    assert ax.get_xlabel() == "epoch"
+    with_backward = [{**r, "nfe_backward": 20, "nfe": 30 + i} for i, r in enumerate(rows)]
+    ax = plotting.plot_nfe_over_training(with_backward).axes[0]
+    assert [ln.get_label() for ln in ax.get_lines()] == ["forward", "backward", "total"]
+    ax = plotting.plot_nfe_over_training(rows, keys="loss", x="nfe_forward", label="run").axes[0]
+    assert [ln.get_label() for ln in ax.get_lines()] == ["run: loss"] and ax.get_xlabel() == "nfe_forward"
+    with pytest.raises(ValueError, match="not in history"):
+        plotting.plot_nfe_over_training(rows, keys=["nfe_forward", "accuracy"])
+    with pytest.raises(ValueError, match="not a key of history"):
+        plotting.plot_nfe_over_training(rows, x="iteration")
+    with pytest.raises(ValueError, match="window length"):
+        plotting.plot_nfe_over_training(rows, smooth=0)
+
+
+def test_pareto_groups_error_bars_and_annotations():
+    results = {"dopri5": [{"nfe": 62, "accuracy": 0.975, "tol": 1e-5},
+                          {"nfe": 26, "accuracy": 0.97, "tol": 1e-3, "accuracy_std": 0.01}],
+               "euler": {"nfe": 10, "accuracy": 0.95}}
+    ax = plotting.plot_pareto(results, annotate="tol").axes[0]
+    assert sorted(t.get_text() for t in ax.texts) == ["0.001", "1e-05"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Pareto front", "dopri5", "euler"]
+    assert [(c.has_xerr, c.has_yerr) for c in ax.containers] == [(False, True), (False, False)]
+    with pytest.raises(TypeError, match="must be a number"):
+        plotting.plot_pareto([{"nfe": 1, "accuracy": "high"}])
