@@ -8,7 +8,7 @@ solve of `odenet.odeint(f, y0, [0, 1], solver=..., steps=N)` and of the hand-wri
 `y = y + h * f(t_i, y)` (classical RK4 for `--solver rk4`), and the difference in microseconds.
 
 Both are `bench_solvers.py`'s own builders (`build_odenet`, `build_hand`, `make_unit`), timed by
-its rounds (`_timed_rounds`: shuffled order, one untimed run before each sample) with Python's
+its rounds (`timed_rounds`: shuffled order, one untimed run before each sample) with Python's
 garbage collector off. The difference is what `bench_solvers.py --modes fixed` adds to
 `N x t_f` at sizes where `f` is cheap.
 
@@ -32,8 +32,13 @@ from torch import nn
 
 import odenet
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_solvers as bench  # noqa: E402  (the same builders and timing as the benchmark)
+if str(Path(__file__).resolve().parent) not in sys.path:  # the solverbench package lives next to this script
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the same builders and timing as bench_solvers.py
+from solverbench.adapters import BUILDERS  # noqa: E402
+from solverbench.config import Size  # noqa: E402
+from solverbench.problems import Problem  # noqa: E402
+from solverbench.timing import Case, make_unit, timed_rounds  # noqa: E402
 
 
 class Scale(nn.Module):
@@ -48,14 +53,14 @@ class Scale(nn.Module):
 
 
 def timed(cases, repeats: int, inner: int) -> Dict[str, float]:
-    """Median seconds per solve of each case, timed as `bench_solvers.time_cases` does but with
-    a fixed number of back-to-back solves per sample."""
+    """Median seconds per solve of each case, timed as `bench_solvers.py` times its cases but with a
+    fixed number of back-to-back solves per sample."""
     for c in cases:
         c.inner = inner
         for _ in range(20):
             c.unit()
     gc.collect()
-    bench._timed_rounds(cases, SimpleNamespace(repeats=repeats, seed=0, device="cpu"), ("f",), None)
+    timed_rounds(cases, SimpleNamespace(repeats=repeats, seed=0, device="cpu"), ("f",), None)
     for c in cases:
         if c.error is not None:
             raise RuntimeError(f"{c.library} failed: {c.error}")
@@ -76,6 +81,7 @@ def _commit() -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
+    """Check that both loops agree, time them, print the table; returns the medians per phase."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--solver", choices=("euler", "rk4"), default="euler", help="fixed-step solver (default euler)")
     p.add_argument("--steps", type=int, default=20, help="N steps over [0, 1] (default 20)")
@@ -94,14 +100,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     torch.manual_seed(0)
     module = Scale(shape[-1])
     y0 = torch.randn(shape)
-    size = bench.Size(a.shape, "mlp", shape, 0)
-    prob = bench.Problem(size, module, module, y0, [0.0, 1.0], torch.tensor([0.0, 1.0]))
-    solves = {lib: bench.BUILDERS[lib](prob, a.solver, "direct", a.steps, None) for lib in ("odenet", "hand")}
+    size = Size(a.shape, "mlp", shape, 0)
+    prob = Problem(size, module, module, y0, [0.0, 1.0], torch.tensor([0.0, 1.0]))
+    solves = {lib: BUILDERS[lib](prob, a.solver, "direct", a.steps, None) for lib in ("odenet", "hand")}
     with torch.no_grad():
         for name, solve in solves.items():  # the same arithmetic, so the same result
             torch.testing.assert_close(solve(y0)[0], solves["hand"](y0)[0], rtol=1e-5, atol=1e-6, msg=name)
-    cases = [bench.Case("fixed", size, a.solver, lib, "direct" if train else None, steps=a.steps, train=train,
-                        unit=bench.make_unit(solve, prob, train))
+    cases = [Case("fixed", size, a.solver, lib, "direct" if train else None, steps=a.steps, train=train,
+                        unit=make_unit(solve, prob, train))
              for lib, solve in solves.items() for train in (False, True)]
     med = timed(cases, a.repeats, a.inner)
     args = list(argv if argv is not None else [])

@@ -1,5 +1,6 @@
 """Smoke test of benchmarks/bench_solvers.py: its smallest configuration runs in seconds and
-writes JSON and markdown with the fields the docs and the lead's tables rely on.
+writes JSON and markdown with the fields the docs and the lead's tables rely on. Also
+benchmarks/loop_overhead.py, and benchmarks/gpu_run.py with `--device cpu` (the GPU command's pieces, tiny).
 
 Timings are not checked (this is not a timed test); counts, structure and the memory
 behaviour that does not depend on the machine are.
@@ -11,7 +12,11 @@ import copy
 import importlib.util
 import json
 import math
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -217,3 +222,141 @@ def test_loss_scale_multiplies_the_training_gradients(bench):
 def test_output_prefix_keeps_its_dots(bench):
     assert bench._out_paths("results/run_loss0.01") == (Path("results/run_loss0.01.json"), Path("results/run_loss0.01.md"))
     assert bench._out_paths("results/run.json") == (Path("results/run.json"), Path("results/run.md"))
+
+
+# ---------------------------------------------------------------------------- benchmarks/gpu_run.py
+
+GPU_RUN = SCRIPT.parent / "gpu_run.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_run():
+    spec = importlib.util.spec_from_file_location("gpu_run", GPU_RUN)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_run"] = mod  # its dataclass looks its module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_run_on_cpu_fills_every_piece(tmp_path):
+    """`gpu_run.py --device cpu` (tiny) runs every piece but the CUDA tests, which it skips with the reason,
+    and writes a manifest naming the device, the versions and each piece's command and outcome."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(GPU_RUN), "--device", "cpu", "--out", str(out), "--budget", "300"],
+                          capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert (m["device"], m["scale"], m["interrupted"]) == ("cpu", "tiny", False)
+    assert m["device_name"] and m["device_name"] == m["cpu_model"] and m["finished"]
+    assert m["versions"]["torch"] == torch.__version__ and m["versions"]["odenet"] and m["versions"]["torchdiffeq"]
+    pieces = m["pieces"]
+    assert list(pieces) == ["cuda-tests", "bench-tiny", "bench-conv-tiny", "bench-memory", "compare-solvers"]
+    assert pieces["cuda-tests"]["status"] == "skipped" and "CUDA" in pieces["cuda-tests"]["reason"]
+    for name, e in pieces.items():
+        assert e["command"].startswith("python "), e
+        if name != "cuda-tests":
+            assert e["status"] == "passed", (name, e)
+            assert (out / e["log"]).read_text().startswith("$ python "), name
+            assert all((out / f).exists() for f in e["results"]["files"]), e
+    assert "--device cpu" in pieces["compare-solvers"]["command"]
+    assert pieces["compare-solvers"]["results"]["runs"] == 2  # resnet and ode-net, one seed
+
+    # the three bench pieces together hold every mode, as one --quick run does
+    parts = [json.loads((out / "bench" / f"{s}.json").read_text()) for s in ("tiny", "conv-tiny", "memory")]
+    merged = dict(parts[0], results=[r for p in parts for r in p["results"]])
+    check_output(merged)
+    assert {r["size"] for r in parts[1]["results"]} == {"conv-tiny"}
+    assert all(r["cuda_peak_bytes"] is None and r["library"] != "odenet+cudagraph" for r in merged["results"])
+    summary = (out / "summary.md").read_text()
+    assert m["device_name"] in summary and all(f"| {name} |" in summary for name in pieces)
+
+
+def _pieces(gpu_run, tmp_path, *specs):
+    """Pieces running `python -c CODE`, each named."""
+    return [gpu_run.Piece(name, ["python", "-c", code]) for name, code in specs]
+
+
+def _manifest(gpu_run, pieces, budget):
+    import argparse
+
+    args = argparse.Namespace(device="cpu", scale="tiny", budget=budget)
+    return gpu_run.new_manifest(args, [], {}, pieces)
+
+
+def test_gpu_run_piece_failures_and_timeouts_do_not_stop_the_run(gpu_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_run, "MIN_SHARE_S", 0.5)
+    pieces = _pieces(gpu_run, tmp_path, ("fails", "raise SystemExit(3)"), ("ok", "print('hello')"),
+                     ("hangs", "import time; time.sleep(60)"))
+    (tmp_path / "logs").mkdir()
+    m = gpu_run.run_pieces(pieces, _manifest(gpu_run, pieces, 6), tmp_path, 6)
+    status = {k: (e["status"], e.get("returncode")) for k, e in m["pieces"].items()}
+    assert status["fails"] == ("failed", 3) and status["ok"] == ("passed", 0) and status["hangs"][0] == "timeout"
+    assert "hello" in (tmp_path / "logs" / "ok.log").read_text()
+    assert json.loads((tmp_path / "manifest.json").read_text())["pieces"] == json.loads(json.dumps(m["pieces"]))
+
+
+def test_gpu_run_keeps_what_was_written_when_interrupted(gpu_run, tmp_path):
+    """SIGTERM while a piece runs: that piece is stopped and marked interrupted, the ones before keep their
+    records, the ones after are marked not run."""
+    code = f"""
+import sys, signal, importlib.util
+spec = importlib.util.spec_from_file_location("gpu_run", {str(GPU_RUN)!r})
+g = sys.modules["gpu_run"] = importlib.util.module_from_spec(spec); spec.loader.exec_module(g)
+import argparse, pathlib
+out = pathlib.Path({str(tmp_path)!r}); (out / "logs").mkdir()
+pieces = [g.Piece("first", ["python", "-c", "print(1)"]),
+          g.Piece("sleeper", ["python", "-c", "import os, time; open({str(tmp_path / 'pid')!r}, 'w').write(str(os.getpid())); time.sleep(60)"]),
+          g.Piece("last", ["python", "-c", "print(2)"])]
+m = g.new_manifest(argparse.Namespace(device="cpu", scale="tiny", budget=300), [], {{}}, pieces)
+signal.signal(signal.SIGTERM, g._on_sigterm)
+g.run_pieces(pieces, m, out, 300)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    pid_file = tmp_path / "pid"
+    for _ in range(600):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert [m["pieces"][k]["status"] for k in ("first", "sleeper", "last")] == ["passed", "interrupted", "not run"]
+    assert m["interrupted"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
+
+
+def test_gpu_run_only_keeps_the_other_pieces_records(gpu_run, tmp_path):
+    pieces = gpu_run.pieces_for("cpu", "tiny", tmp_path)
+    earlier = _manifest(gpu_run, pieces, 60)
+    earlier["pieces"]["bench-tiny"].update(status="passed", started="earlier")
+    earlier["pieces"]["bench-memory"].update(status="timeout", started="earlier")
+    gpu_run.write_manifest(earlier, tmp_path)
+    now = _manifest(gpu_run, pieces, 60)
+    gpu_run.merge_earlier(now, tmp_path, ["bench-memory"])
+    assert now["pieces"]["bench-tiny"]["started"] == "earlier"
+    assert now["pieces"]["bench-memory"]["status"] == "pending"
+    other = dict(now, device="cuda")
+    with pytest.raises(SystemExit):
+        gpu_run.merge_earlier(other, tmp_path, ["bench-memory"])
+
+
+def test_gpu_run_cuda_plan(gpu_run, capsys):
+    """What a GPU machine runs: the CUDA tests, bench_solvers per size on cuda, compare_solvers --quick."""
+    assert gpu_run.main(["--device", "cuda", "--dry-run", "--out", "OUT"]) == 0
+    text = capsys.readouterr().out
+    names = [line.split()[0] for line in text.splitlines()]
+    assert names == ["cuda-tests", "bench-small", "bench-medium", "bench-large", "bench-conv", "bench-memory",
+                     "compare-solvers"]
+    assert "tests/test_cuda.py" in text and "compare_solvers.py --device cuda" in text and "--quick" in text
+    assert text.count("bench_solvers.py --device cuda") == 5
+    with pytest.raises(SystemExit):
+        gpu_run.main(["--device", "cpu", "--only", "bogus", "--dry-run"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")
+def test_gpu_run_refuses_cuda_without_cuda(tmp_path):
+    proc = subprocess.run([sys.executable, str(GPU_RUN), "--device", "cuda", "--out", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "torch sees no CUDA device" in proc.stderr
+    assert not (tmp_path / "x").exists()
