@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -89,6 +90,18 @@ class Checkpoint(Option):
 
 GradientMethod = Union[Direct, Adjoint, Checkpoint]
 GRADIENTS = {cls.name: cls for cls in (Direct, Adjoint, Checkpoint)}
+
+
+def _keeps_rng(backward):
+    """A backward pass that evaluates `f` again in the solve's scope (the solve's random draws),
+    leaving the caller's random-number state as it was (`ctx.fc`: the solve's `CountedFunc`)."""
+
+    @functools.wraps(backward)
+    def wrapped(ctx, *grads):
+        with ctx.fc.backward_scope():
+            return backward(ctx, *grads)
+
+    return wrapped
 
 
 class _Box:
@@ -275,11 +288,12 @@ class _AdjointFn(torch.autograd.Function):
             res = integrate(box.fc, y0.detach(), box.ts, box.solver, box.control, stats=box.fc.stats)
         box.result = res
         ys = torch.stack(res.ys)
-        ctx.box = box
+        ctx.box, ctx.fc = box, box.fc
         ctx.save_for_backward(ys, *params)
         return ys
 
     @staticmethod
+    @_keeps_rng
     def backward(ctx, g: Tensor):
         box: _Box = ctx.box
         ys, *params = ctx.saved_tensors
@@ -327,7 +341,7 @@ class _CheckpointFn(torch.autograd.Function):
         with torch.no_grad():
             res = integrate(box.fc, y0.detach(), box.ts, box.solver, box.control, stats=box.fc.stats, record=True)
         box.result = res
-        ctx.box = box
+        ctx.box, ctx.fc = box, box.fc
         ctx.n_params = len(params)
         # The step-boundary states go through save_for_backward so that they are visible
         # to saved-tensor hooks (and so to activation-memory measurements).
@@ -337,6 +351,7 @@ class _CheckpointFn(torch.autograd.Function):
         return torch.stack(res.ys)
 
     @staticmethod
+    @_keeps_rng
     def backward(ctx, g: Tensor):
         box: _Box = ctx.box
         y0, *saved = ctx.saved_tensors
@@ -419,6 +434,7 @@ class _StartTime(torch.autograd.Function):
         return y0.clone()
 
     @staticmethod
+    @_keeps_rng
     def backward(ctx, a: Tensor):
         y0, t = ctx.saved_tensors
         shape, dtype, device = ctx.t_meta
@@ -438,6 +454,7 @@ class _OutputTimes(torch.autograd.Function):
         return ys.clone()
 
     @staticmethod
+    @_keeps_rng
     def backward(ctx, g: Tensor):
         ys, t = ctx.saved_tensors
         shape, dtype, device = ctx.t_meta

@@ -11,6 +11,7 @@ inside a step.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from .control import Adaptive, Fixed
 from .controller import PIController
+from .field import FieldScope
 from .rk import ExplicitRK, without_grad
 from .stats import SolveStats
 from .status import Status
@@ -69,16 +71,15 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 
 
 class CountedFunc:
-    """Wraps the user's `f(t, y)`: turns the loop's float time into a 0-dim tensor of
-    `y`'s dtype and device, counts every call into `stats` (forward, or backward once
-    :attr:`backward` is set), and checks the first output's type, shape and dtype.
+    """Wraps the user's `f(t, y)` for one solve: turns the loop's float time into a 0-dim tensor
+    of `y`'s dtype and device, counts every call into `stats` (forward, or backward once
+    :attr:`backward` is set), runs each call in the solve's `FieldScope` (same random draws,
+    running statistics updated once), and checks the first call (output type, shape and
+    dtype; no write into `y`). With `autocast`, the dtype of the `torch.autocast` the solve
+    started in, an output in that dtype is cast back to the state's dtype, as a residual
+    update `y + h·f(t, y)` promotes to it."""
 
-    With `autocast`, the dtype of the `torch.autocast` the solve started in, `f`'s layers may
-    compute in that lower precision and return it; such an output is cast back to the state's
-    dtype, so the solver's state, steps and error control stay in the state's precision, as a
-    residual update `y + h·f(t, y)` promotes to it."""
-
-    __slots__ = ("f", "stats", "backward", "autocast", "_checked")
+    __slots__ = ("f", "stats", "backward", "autocast", "scope", "_checked")
 
     def __init__(self, f: Callable[[Tensor, Tensor], Tensor], stats: SolveStats,
                  autocast: Optional[torch.dtype] = None):
@@ -86,24 +87,44 @@ class CountedFunc:
         self.stats = stats
         self.backward = False
         self.autocast = autocast
+        self.scope: Optional[FieldScope] = None
         self._checked = False
 
     def __call__(self, t, y: Tensor) -> Tensor:
         if not isinstance(t, Tensor):  # odenet's loop passes floats; torchdiffeq passes tensors
             t = torch.scalar_tensor(t, dtype=y.dtype, device=y.device)
-        out = self.f(t, y)
+        first = not self._checked
+        if first:
+            self.scope = FieldScope.of(self.f, y)
+            version = None if y.is_inference() else y._version  # inference tensors have no counter
+        if self.scope is None:
+            out = self.f(t, y)
+        else:
+            with self.scope.evaluation():
+                out = self.f(t, y)
         if self.autocast is not None and isinstance(out, Tensor) and out.dtype == self.autocast != y.dtype:
             out = out.to(y.dtype)
         if self.backward:
             self.stats.nfe_backward += 1
         else:
             self.stats.nfe_forward += 1
-        if not self._checked:
-            self._check(out, y)
+        if first:
+            self._check(out, y, version)
         return out
 
-    def _check(self, out, y: Tensor) -> None:
+    def backward_scope(self):
+        """Around a backward pass that calls `f` again: leaves the caller's random-number state as it was."""
+        return contextlib.nullcontext() if self.scope is None else self.scope.backward()
+
+    def _check(self, out, y: Tensor, version: Optional[int]) -> None:
         name = getattr(self.f, "__qualname__", None) or type(self.f).__name__
+        if version is not None and y._version != version:
+            raise ValueError(
+                f"f wrote into its input state in place ({name} changed y during f(t, y)): the solver reuses "
+                "the state for later stages, so the solution would be wrong (and the caller's tensor changed). "
+                "Make the layers that see the input out of place (e.g. nn.ReLU(inplace=False)), or start "
+                "f.forward with x = x.clone()."
+            )
         if not isinstance(out, Tensor):
             raise TypeError(f"f must return a Tensor (dy/dt), but {name} returned {type(out).__name__}.")
         if out.shape != y.shape:
