@@ -5,7 +5,8 @@ from importlib.metadata import PackageNotFoundError, version as _version
 from . import measure, plotting, solvers
 from .augment import Augment
 from .regularization import RNODE
-from .blocks import ODEBlock, ResBlock, swap_blocks
+from .blocks import ODEBlock, ResBlock
+from .swap import swap_blocks
 from .gradients import Adjoint, Checkpoint, Direct
 from .solvers.control import Adaptive, Fixed
 from .dynamics import ConvDynamics, MLPDynamics
