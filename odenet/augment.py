@@ -11,37 +11,26 @@ __all__ = ["Augment"]
 
 
 class Augment(nn.Module):
-    """Append `dims` zero-valued dimensions to the feature axis of a batched input (ANODE).
+    """Append `dims` zeros to the feature axis of a batched input (ANODE; Dupont et al., NeurIPS 2019).
 
-    A continuous-depth block is a homeomorphism of its state space, so trajectories cannot
-    cross: some classes (e.g. a ball inside a ring) cannot be made linearly separable in the
-    input space. Lifting the state into `dims` extra dimensions, initialised at zero, gives the
-    flow room to move the classes apart (Dupont, Doucet & Teh, *Augmented Neural ODEs*,
-    NeurIPS 2019).
-
-    **Which axis:** axis `1` by default, the feature axis of a batch of vectors `[B, D]`
-    (where it is also the last axis) and the channel axis of a batch of images `[B, C, H, W]`
-    or sequences `[B, C, L]`. Give `dim=-1` to pad the last axis of inputs with more axes.
-    The batch axis (0) cannot be padded.
+    A flow cannot cross its own trajectories, so some classes (a ball inside a ring) cannot be
+    separated in the input space; extra dimensions, starting at zero, give the flow room.
 
     **Arguments:**
 
-    - `dims`: number of zero dimensions (channels) to append, an integer `>= 1`.
-    - `dim`: the axis to pad (default `1`).
-
-    **Returns** (from `forward(x)`): `x` with its axis `dim` grown from `n` to `n + dims`; the
-    first `n` entries are `x`, the rest are zeros of `x`'s dtype and device. Gradients flow to `x`.
+    - `dims`: number of zero dimensions (channels) to append, `>= 1`.
+    - `dim`: the axis to pad: `1` (default) is the features of `[B, D]` and the channels of
+      `[B, C, H, W]`; `-1` is the last axis. Not the batch axis 0.
 
     **Raises:** `TypeError`/`ValueError` for a bad `dims` or `dim`, or an input with too few axes.
 
     **Example:**
 
     ```python
-    f = odenet.MLPDynamics(dim=2 + 3, hidden=32)                 # dynamics on the augmented state
-    model = nn.Sequential(odenet.Augment(dims=3), odenet.ODEBlock(f), nn.Linear(5, 2))
-    model(torch.randn(16, 2)).shape                               # [16, 2]
     aug = odenet.Augment(dims=3)
-    aug.strip(aug(torch.randn(16, 2))).shape                      # [16, 2]: padding removed
+    model = nn.Sequential(aug, odenet.ODEBlock(odenet.MLPDynamics(dim=2 + 3)), nn.Linear(5, 2))
+    model(torch.randn(16, 2)).shape                # [16, 2]
+    aug.strip(aug(torch.randn(16, 2))).shape       # [16, 2]: padding removed
     ```
     """
 
@@ -74,34 +63,14 @@ class Augment(nn.Module):
         return axis
 
     def forward(self, x: Tensor) -> Tensor:
-        """Append `dims` zeros along axis `dim`.
-
-        **Arguments:**
-
-        - `x`: a batched tensor `[B, features, ...]`.
-
-        **Returns:** `x` with `dims` more entries (zeros) on axis `dim`.
-
-        **Raises:** `TypeError` if `x` is not a tensor; `ValueError` if it has fewer than 2
-        axes or `dim` is not one of its non-batch axes.
-        """
+        """`x` with `dims` zeros appended on axis `dim`."""
         axis = self._axis(x)
         shape = list(x.shape)
         shape[axis] = self.dims
         return torch.cat([x, x.new_zeros(shape)], dim=axis)
 
     def strip(self, x: Tensor) -> Tensor:
-        """Drop the `dims` augmented entries of axis `dim` again (a view of the first `n` entries).
-
-        **Arguments:**
-
-        - `x`: a tensor this `Augment` produced (or one of the same shape).
-
-        **Returns:** a view of `x` without the last `dims` entries of axis `dim`.
-
-        **Raises:** `TypeError`/`ValueError` as in `forward`; `ValueError` if the axis has no
-        more than `dims` entries.
-        """
+        """A view of `x` without the last `dims` entries of axis `dim`: what `forward` added."""
         axis = self._axis(x)
         n = x.shape[axis] - self.dims
         if n < 1:
@@ -112,5 +81,4 @@ class Augment(nn.Module):
         return x.narrow(axis, 0, n)
 
     def extra_repr(self) -> str:
-        """**Returns:** the settings shown by `repr(augment)`, e.g. `"dims=2, dim=1"`."""
         return f"dims={self.dims}, dim={self.dim}"

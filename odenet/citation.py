@@ -347,34 +347,23 @@ def _walk(c: _Collector, obj, where: str = "") -> None:
 
 
 def citation(obj=None, *, file=None) -> str:
-    """Print and return BibTeX for odenet and for the numerical methods `obj` uses.
-
-    odenet's own entry always comes first. The others depend on what is in use: the paper of
-    each solver's Runge–Kutta method (e.g. Dormand & Prince 1980 and Shampine 1986 for
-    `dopri5`), Gustafsson 1991 for the PI step-size controller of adaptive solvers, Chen et
-    al. 2018 for `gradient="adjoint"` (and the torchdiffeq backend), Kidger et al. 2021 for
-    `adjoint_seminorm=True`, Gholami et al. 2019 for `gradient="checkpoint"`, He et al. 2016
-    for `ResBlock`s, Dupont et al. 2019 for an `Augment` module anywhere in a model, and
-    Finlay et al. 2020 for an `RNODE` regularisation. Each entry is preceded by a `%` comment
-    saying why it is cited. A custom `ButcherTableau` is listed with its `reference` text.
+    """Print and return BibTeX for odenet and for the methods `obj` uses, each after a `%` comment
+    saying why: the solvers' Runge–Kutta papers, the PI controller, adjoint, seminorm and
+    checkpoint gradients, `ResBlock`, `Augment` and `RNODE`; a custom tableau with its `reference`.
 
     **Arguments:**
 
-    - `obj`: what to cite: an `nn.Module` (a block, or a model whose modules are walked), a
-      solver name such as `"dopri5"`, an `odenet.solvers.ExplicitRK` or `ButcherTableau`, a
-      `PIController`, an `RNODE`, a list of these, or `None` (odenet alone).
-    - `file`: where to print (default `sys.stdout`); the text is returned either way.
+    - `obj`: a block or a model (its modules are walked), a solver name, an `ExplicitRK`, a
+      `ButcherTableau`, a `PIController`, an `RNODE`, a list of these, or `None` (odenet alone).
+    - `file`: where to print (default `sys.stdout`).
 
-    **Returns:** the BibTeX text (a `str`).
+    **Returns:** the BibTeX text.
 
-    **Raises:** `ValueError` for an unknown solver name; `TypeError` for an object it cannot
-    inspect.
+    **Raises:** `ValueError` for an unknown solver name; `TypeError` for an object it cannot inspect.
 
     **Example:**
 
     ```python
-    import odenet
-
     block = odenet.ODEBlock(odenet.MLPDynamics(dim=2), solver="dopri5", gradient="adjoint")
     bibtex = odenet.citation(block)   # odenet, Dormand–Prince, Shampine, Gustafsson, Chen et al.
     ```

@@ -32,13 +32,12 @@ class MLPDynamics(nn.Module):
     **Arguments:**
 
     - `dim`: state dimension (last axis of `x`).
-    - `hidden`: width of the hidden layers (default 64).
-    - `layers`: number of hidden layers (default 2).
-    - `activation`: `"tanh"` (default), `"relu"`, `"softplus"`, `"elu"` or `"silu"`.
-    - `time_dependent`: append `t` to the input of every linear layer (default `True`).
+    - `hidden`, `layers`: width and number of the hidden layers.
+    - `activation`: `"tanh"`, `"relu"`, `"softplus"`, `"elu"` or `"silu"`.
+    - `time_dependent`: append `t` to the input of every linear layer.
 
-    **Raises:** `TypeError`/`ValueError` if `dim`, `hidden` or `layers` is not a positive
-    integer or `activation` is not one of those names.
+    **Raises:** `ValueError` for a `dim`, `hidden` or `layers` that is not a positive integer, or
+    an unknown `activation`.
 
     **Example:**
 
@@ -60,17 +59,7 @@ class MLPDynamics(nn.Module):
         self.act = _activation(activation)
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        """Evaluate `dx/dt`.
-
-        **Arguments:**
-
-        - `t`: the time, a 0-dim tensor.
-        - `x`: the state, shape `[..., dim]`.
-
-        **Returns:** `f(t, x)`, a tensor of `x`'s shape.
-
-        **Raises:** `ValueError` if the last axis of `x` is not `dim`.
-        """
+        """`dx/dt` at time `t` (a 0-dim tensor) for a state `x` of shape `[..., dim]`."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"MLPDynamics(dim={self.dim}) got a state whose last axis is {x.shape[-1]} (shape {tuple(x.shape)}).")
         tt = t.to(x.dtype).expand(*x.shape[:-1], 1) if self.time_dependent else None
@@ -100,11 +89,9 @@ class _ConcatConv2d(nn.Module):
 
 
 def _default_groups(channels: int, hidden: int, limit: int = 32) -> int:
-    """The largest GroupNorm group count at most `limit` that divides both `channels` and `hidden`.
+    """The largest GroupNorm group count `<= limit` dividing both `channels` and `hidden`.
 
-    Equals `min(limit, channels, hidden)` whenever that divides both (it is then the largest such
-    divisor), so models built with the earlier default keep their group count.
-    """
+    It is `min(limit, channels, hidden)` whenever that divides both, the default of earlier versions."""
     common = math.gcd(channels, hidden)
     return max(g for g in range(1, min(limit, common) + 1) if common % g == 0)
 
@@ -112,20 +99,19 @@ def _default_groups(channels: int, hidden: int, limit: int = 32) -> int:
 class ConvDynamics(nn.Module):
     """Convolutional `f(t, x)` for image states `[B, C, H, W]` (the ODE-Net block of Chen et al. 2018).
 
-    `norm → ReLU → conv(t) → norm → ReLU → conv(t) → norm`, with 3x3 convolutions that
-    see `t` as an extra channel and GroupNorm normalisation.
+    `norm → ReLU → conv → norm → ReLU → conv → norm`: GroupNorm, and 3x3 convolutions that see `t`
+    as an extra channel.
 
     **Arguments:**
 
     - `channels`: number of channels `C` of the state.
     - `hidden`: channels between the two convolutions (default `channels`).
-    - `groups`: GroupNorm groups (default: the largest number at most 32 that divides both
-      `channels` and `hidden`, which is `min(32, channels, hidden)` whenever that divides both;
-      an explicit value must divide the channel counts).
-    - `time_dependent`: feed `t` to the convolutions (default `True`).
+    - `groups`: GroupNorm groups, dividing `channels` and `hidden` (default: the largest such
+      number up to 32).
+    - `time_dependent`: feed `t` to the convolutions.
 
-    **Raises:** `TypeError`/`ValueError` if `channels`, `hidden` or `groups` is not a positive
-    integer, or `groups` does not divide `channels` and `hidden`.
+    **Raises:** `ValueError` for a `channels`, `hidden` or `groups` that is not a positive integer,
+    or a `groups` that does not divide `channels` and `hidden`.
 
     **Example:**
 
@@ -152,17 +138,7 @@ class ConvDynamics(nn.Module):
         self.act = nn.ReLU()
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        """Evaluate `dx/dt`.
-
-        **Arguments:**
-
-        - `t`: the time, a 0-dim tensor.
-        - `x`: the state, shape `[B, channels, H, W]`.
-
-        **Returns:** `f(t, x)`, a tensor of `x`'s shape.
-
-        **Raises:** `ValueError` if `x` is not 4-D with `channels` channels.
-        """
+        """`dx/dt` at time `t` (a 0-dim tensor) for a state `x` of shape `[B, channels, H, W]`."""
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"ConvDynamics(channels={self.channels}) needs a [B, {self.channels}, H, W] state, got shape {tuple(x.shape)}.")
         h = self.conv1(t, self.act(self.norm1(x)))

@@ -1,10 +1,5 @@
-"""Measuring what a block costs: activation memory, time, peak CUDA memory, host reads.
-
-Activation memory is counted as the bytes of the distinct tensor storages that
-autograd saves for backward, via :func:`torch.autograd.graph.saved_tensors_hooks`.
-It is exact and device-independent, and shows the adjoint's O(1) memory against
-backprop's O(steps).
-"""
+"""Measuring what a block costs: activation memory (bytes saved for backward), time, peak CUDA
+memory, and reads of tensor values into Python (host-device synchronisations)."""
 
 from __future__ import annotations
 
@@ -23,24 +18,7 @@ __all__ = ["SavedTensors", "saved_tensors", "HostReads", "host_reads", "median_t
 
 @dataclass
 class SavedTensors:
-    """Tally filled in by :func:`saved_tensors`.
-
-    **Fields:**
-
-    - `bytes`: bytes of the distinct storages saved for backward (excluded tensors left out).
-    - `count`: number of pack calls (tensors saved, with repeats).
-
-    **Example:**
-
-    ```python
-    from odenet.measure import saved_tensors
-
-    x = torch.randn(100, requires_grad=True)
-    with saved_tensors() as saved:
-        y = (x * x).sum()
-    saved.bytes, saved.count, saved.megabytes  # x saved once: 400 bytes
-    ```
-    """
+    """The tally `saved_tensors` fills in: `bytes` of distinct storages saved for backward, `count` of saves."""
 
     bytes: int = 0  #: bytes of the distinct storages saved for backward (excluded tensors left out)
     count: int = 0  #: number of pack calls (tensors saved, with repeats)
@@ -67,31 +45,24 @@ def _storage(t: Tensor):
 
 @contextmanager
 def saved_tensors(exclude: Iterable[Tensor] = ()) -> Iterator[SavedTensors]:
-    """Count the bytes autograd saves for backward inside the `with` block.
+    """Count the bytes autograd saves for backward inside the `with` block, each storage once.
 
-    Each distinct storage counts once, so a tensor saved by several operations (or views
-    of one buffer) is not double-counted. Storages saved by a graph that is dropped inside the
-    block (a rejected adaptive step, say) count too; they are kept alive until the block ends
-    so that their memory cannot be reused, and the count mistaken, by a later saved tensor.
-    Pass `exclude=model.parameters()` to leave the parameters out and count activations only.
+    Storages of graphs dropped inside the block (a rejected step, say) count too, and are held
+    until it ends so that a later tensor cannot reuse their memory and go uncounted.
 
     **Arguments:**
 
-    - `exclude`: tensors whose storages are not counted (e.g. `model.parameters()`).
+    - `exclude`: tensors not counted; `model.parameters()` counts activations only.
 
-    **Returns:** a context manager that yields a `SavedTensors`, filled in as the block runs.
+    **Returns:** a context manager yielding a `SavedTensors`, filled in as the block runs.
 
     **Example:**
 
     ```python
-    import torch, odenet
-    from odenet.measure import saved_tensors
-
     block = odenet.ODEBlock(odenet.MLPDynamics(dim=2), solver="rk4", steps=8)
-    x = torch.randn(32, 2)
-    with saved_tensors(exclude=block.parameters()) as saved:
-        loss = block(x).square().sum()
-    saved.bytes  # 8 steps x 4 stages of activations
+    with odenet.measure.saved_tensors(exclude=block.parameters()) as saved:
+        loss = block(torch.randn(32, 2)).square().sum()
+    saved.bytes, saved.megabytes  # 8 steps x 4 stages of activations
     ```
     """
     tally = SavedTensors()
@@ -118,23 +89,7 @@ def saved_tensors(exclude: Iterable[Tensor] = ()) -> Iterator[SavedTensors]:
 
 @dataclass(eq=False)
 class HostReads:
-    """Tally filled in by :func:`host_reads`.
-
-    **Fields:**
-
-    - `count`: reads of tensor values into Python, and copies to the CPU from another device.
-    - `by_kind`: the same reads per method name (`"__float__"`, `"item"`, `"tolist"`, `"to"`, ...).
-
-    **Example:**
-
-    ```python
-    from odenet.measure import host_reads
-
-    with host_reads() as reads:
-        float(torch.ones(3).sum())
-    reads.count, reads.by_kind  # 1, {'__float__': 1}
-    ```
-    """
+    """The tally `host_reads` fills in: the `count` of reads, and `by_kind` per method name."""
 
     count: int = 0  #: reads of tensor values into Python (and copies to the CPU from another device)
     by_kind: Dict[str, int] = field(default_factory=dict)  #: the reads per method name
@@ -195,32 +150,23 @@ def _wrap() -> None:
 
 @contextmanager
 def host_reads() -> Iterator[HostReads]:
-    """Count the reads of tensor values into Python inside the `with` block: `float()`,
-    `bool()`, `int()`, `complex()`, `.item()`, `.tolist()`, `.nonzero()`, `.numpy()`, and
-    copies to the CPU (`.cpu()`, `.to("cpu")`) from another device. On a GPU each is a
-    host-device synchronisation, so the count per solver step says whether a loop waits for
-    the GPU.
+    """Count the reads of tensor values into Python inside the `with` block: on a GPU, each one
+    is a host-device synchronisation.
 
-    The reading methods of `torch.Tensor` are wrapped while the block runs, so reads made in
-    autograd's backward count too (a `TorchFunctionMode` is switched off inside
-    `Tensor.backward`). Reads inside PyTorch's C++ code (boolean-mask indexing, say) are not
-    seen; on CUDA, `torch.cuda.set_sync_debug_mode("warn")` reports those too. Blocks may nest;
-    each counts what runs inside it. Reads in every thread count (CUDA's backward runs on
-    autograd's own threads), so keep other threads quiet while measuring.
+    Reads are `float()`, `bool()`, `int()`, `complex()`, `.item()`, `.tolist()`, `.nonzero()`,
+    `.numpy()`, and copies to the CPU from another device, in every thread (backward included),
+    so keep other threads quiet. Reads inside PyTorch's C++ code are not seen (on CUDA,
+    `torch.cuda.set_sync_debug_mode` reports them). Blocks may nest.
 
-    **Returns:** a context manager that yields a `HostReads`, filled in as the block runs.
+    **Returns:** a context manager yielding a `HostReads`, filled in as the block runs.
 
     **Example:**
 
     ```python
-    import torch, odenet
-    from odenet.measure import host_reads
-
     block = odenet.ODEBlock(odenet.MLPDynamics(dim=2), solver="rk4", steps=8)
-    x = torch.randn(32, 2)
-    with host_reads() as reads:
-        block(x).sum().backward()
-    reads.count  # 2 whatever the steps: the output times as floats, one finiteness check
+    with odenet.measure.host_reads() as reads:
+        block(torch.randn(32, 2)).sum().backward()
+    reads.count, reads.by_kind  # 2 whatever the steps: the output times, one finiteness check
     ```
     """
     tally = HostReads()
@@ -242,7 +188,7 @@ def synchronize(device) -> None:
 
     **Arguments:**
 
-    - `device`: a `torch.device` or its name (`"cpu"`, `"cuda"`, `"cuda:1"`).
+    - `device`: a `torch.device` or its name.
 
     **Example:**
 
@@ -256,16 +202,15 @@ def synchronize(device) -> None:
 
 
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, device="cpu") -> float:
-    """Median wall time of `fn()` in seconds over `repeats` runs after `warmup` runs, CUDA synchronised.
+    """Median wall time of `fn()` in seconds over `repeats` runs after `warmup` runs.
 
     **Arguments:**
 
-    - `fn`: the callable to time, called with no arguments.
-    - `repeats`: timed runs (default 5).
-    - `warmup`: untimed runs first (default 1).
-    - `device`: the device to synchronise before and after each run (default `"cpu"`).
+    - `fn`: called with no arguments.
+    - `repeats`, `warmup`: timed runs, and untimed runs before them.
+    - `device`: synchronised before and after each run.
 
-    **Returns:** the median time in seconds, a float.
+    **Returns:** the median, in seconds.
 
     **Raises:** `ValueError` if `repeats < 1`.
 
@@ -291,21 +236,18 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, dev
 
 
 def cuda_peak_memory(fn: Callable[[], object], device="cuda") -> Optional[int]:
-    """Peak bytes allocated on `device` while `fn()` runs, above what was allocated before; `None` off CUDA.
+    """Peak bytes allocated on a CUDA `device` while `fn()` runs, above what was allocated before.
 
     **Arguments:**
 
-    - `fn`: the callable to measure, called once with no arguments.
-    - `device`: the CUDA device (default `"cuda"`).
+    - `fn`: called once with no arguments.
+    - `device`: the CUDA device.
 
-    **Returns:** the peak in bytes (an int), or `None` when `device` is not CUDA or CUDA is
-    not available.
+    **Returns:** the peak in bytes, or `None` off CUDA.
 
     **Example:**
 
     ```python
-    peak = odenet.measure.cuda_peak_memory(lambda: torch.randn(1024, 1024, device="cuda"))
-    peak  # bytes on a GPU
     assert odenet.measure.cuda_peak_memory(lambda: None, device="cpu") is None
     ```
     """

@@ -1,17 +1,9 @@
-"""RNODE regularisation (Finlay et al. 2020): kinetic energy and Jacobian norm integrated by the solver.
+"""RNODE regularisation (Finlay et al., ICML 2020): kinetic energy and Jacobian norm, integrated by the solver.
 
-Finlay, Jacobsen, Nurbekyan & Oberman, *How to train your neural ODE: the world of Jacobian
-and kinetic regularization*, ICML 2020. Penalising
-
-- the kinetic energy `E = ∫ ||f(t, x(t))||² dt` makes trajectories straight and slow, and
-- the Jacobian Frobenius norm `J = ∫ ||∂f/∂x (t, x(t))||_F² dt` makes the flow smooth,
-
-so that adaptive solvers need fewer steps. Both integrals are solved together with the state,
-as extra state dimensions of one augmented ODE, so they come from the same solver and
-tolerances as `x` and work with every gradient method. The Frobenius norm is estimated with
-Hutchinson's trick: `||∂f/∂x||_F² = E_ε ||εᵀ ∂f/∂x||²` for noise `ε` with `E[ε εᵀ] = I`; one `ε`
-is drawn per solve and held fixed along the trajectory, and `εᵀ ∂f/∂x` is one
-vector–Jacobian product per evaluation.
+The kinetic energy `E = ∫ ||f||² dt` makes trajectories straight and the Jacobian norm
+`J = ∫ ||∂f/∂x||_F² dt` the flow smooth, so adaptive solvers take fewer steps. Both are extra
+state of one augmented ODE (same solver, tolerances and gradient method as `x`). `J` uses
+Hutchinson's estimate `||εᵀ ∂f/∂x||²`, `E[ε εᵀ] = I`, with one `ε` held fixed per solve.
 """
 
 from __future__ import annotations
@@ -36,22 +28,16 @@ NOISES = ("gaussian", "rademacher")
 
 @dataclass(frozen=True)
 class RNODE:
-    """Weights of the RNODE regularisation term `λ_K · mean(E) + λ_J · mean(J)` (Finlay et al. 2020).
-
-    `E` and `J` are per-sample integrals over the block's interval (see
-    `odenet.regularization`); the mean is over the batch. A weight of `0` leaves that
-    integral out of the solve altogether.
+    """Weights of the RNODE term `λ_K · mean(E) + λ_J · mean(J)`, per-sample integrals averaged over the batch.
 
     **Arguments:**
 
-    - `kinetic`: `λ_K`, weight of the kinetic energy `∫ ||f||² dt` (default 0).
-    - `jacobian`: `λ_J`, weight of the Jacobian Frobenius norm `∫ ||∂f/∂x||_F² dt`, estimated
-      with Hutchinson's trick (default 0).
-    - `noise`: distribution of the Hutchinson vector `ε`: `"gaussian"` (default) or
-      `"rademacher"` (±1 entries, lower variance).
+    - `kinetic`, `jacobian`: `λ_K` and `λ_J`; a weight of 0 leaves its integral out of the solve.
+    - `noise`: the Hutchinson vector's distribution, `"gaussian"` or `"rademacher"` (±1, lower
+      variance).
 
-    **Raises:** `TypeError`/`ValueError` for a negative or non-finite weight, both weights
-    zero, or an unknown `noise`.
+    **Raises:** `TypeError`/`ValueError` for a negative or non-finite weight, both weights zero,
+    or an unknown `noise`.
 
     **Example:**
 
@@ -85,15 +71,7 @@ class RNODE:
             raise ValueError(f"Unknown Hutchinson noise {self.noise!r}; choose one of {NOISES}.")
 
     def sample_noise(self, like: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        """A Hutchinson vector `ε` with `like`'s shape, dtype and device (`E[ε εᵀ] = I`).
-
-        **Arguments:**
-
-        - `like`: a tensor whose shape, dtype and device to use.
-        - `generator`: an optional `torch.Generator` (default: the global one).
-
-        **Returns:** Gaussian or Rademacher noise (by `noise`), a tensor like `like`.
-        """
+        """A Hutchinson vector `ε` (`E[ε εᵀ] = I`) shaped like `like`, drawn from `noise`."""
         eps = torch.randn(like.shape, dtype=like.dtype, device=like.device, generator=generator)
         if self.noise == "rademacher":
             eps = torch.where(eps >= 0, torch.ones_like(eps), -torch.ones_like(eps))
@@ -101,30 +79,9 @@ class RNODE:
 
 
 class RegularizedSolution(NamedTuple):
-    """What :func:`solve_regularized` returns.
-
-    **Fields:**
-
-    - `solution`: the `odenet.Solution` of the state `x` alone (`ys` of shape
-      `[len(t), *x.shape]`); its `stats` and `steps` are those of the augmented solve.
-    - `regularization`: the scalar `λ_K · mean(E) + λ_J · mean(J)`, differentiable: add it to the loss.
-    - `kinetic`: per-sample `E = ∫ ||f||² dt`, shape `[B]`, or `None` when `λ_K = 0`.
-    - `jacobian`: per-sample Hutchinson estimate of `J = ∫ ||∂f/∂x||_F² dt`, shape `[B]`, or
-      `None` when `λ_J = 0`.
-
-    **Example:**
-
-    ```python
-    from odenet.options import SolveOptions
-
-    f = odenet.MLPDynamics(dim=2, hidden=8)
-    options = SolveOptions("rk4", odenet.Fixed(steps=2))
-    res = odenet.regularization.solve_regularized(f, torch.randn(4, 2), (0.0, 1.0), options,
-                                                  odenet.RNODE(kinetic=0.1))
-    res.regularization.backward()
-    assert res.kinetic.shape == (4,) and res.jacobian is None
-    ```
-    """
+    """What `solve_regularized` returns: the `solution` of `x` alone (stats and steps of the augmented
+    solve), the differentiable `regularization` term, and the per-sample `kinetic` and `jacobian`
+    integrals (`[B]`, `None` for a zero weight)."""
 
     solution: Solution
     regularization: Tensor
@@ -135,9 +92,7 @@ class RegularizedSolution(NamedTuple):
 class _RegularizedDynamics(nn.Module):
     """The augmented ODE on `z = [x.flatten(1), E, J]`: `dx/dt = f`, `dE/dt = ||f||²`, `dJ/dt = ||εᵀ ∂f/∂x||²`.
 
-    An `nn.Module` whose only parameters are `f`'s, so that the adjoint (which differentiates
-    the parameters of the module it solves) gives `f`'s gradients.
-    """
+    A module whose only parameters are `f`'s, so that the adjoint differentiates `f`'s."""
 
     def __init__(self, f: nn.Module, shape, kinetic: bool, eps: Optional[Tensor], sign: float):
         super().__init__()
@@ -184,40 +139,19 @@ def solve_regularized(
     generator: Optional[torch.Generator] = None,
     adjoint_params: Optional[Sequence[Tensor]] = None,
 ) -> RegularizedSolution:
-    """Solve `dx/dt = f(t, x)` together with the RNODE integrals, as one augmented state.
+    """Solve `dx/dt = f(t, x)` for a batch `x` with the RNODE integrals as extra state, under a block's
+    `options` (its solver, tolerances, error control and gradient); `noise` fixes `ε`."""
+    _check_inputs(f, x, config)
+    eps = _hutchinson_noise(config, x, noise, generator)
+    dyn = _RegularizedDynamics(f, x.shape, config.kinetic > 0, eps, _direction(t))
+    extra = int(config.kinetic > 0) + int(eps is not None)
+    z0 = torch.cat([x.reshape(x.shape[0], dyn.n), x.new_zeros(x.shape[0], extra)], dim=1)
+    sol = solve_with_options(dyn, z0, t, options, adjoint_params)
+    return _split_state(sol, x, dyn.n, config, eps is not None)
 
-    The augmented state `[x.flatten(1), E, J]` (only the integrals with a non-zero weight) is
-    solved by `odenet.odeint.solve_with_options` with `options`, so the solver, tolerances and
-    gradient method (`"direct"`, `"adjoint"` or `"checkpoint"`) are the block's. The integrals
-    are part of the error control, as in Finlay et al.'s implementation.
 
-    **Arguments:**
-
-    - `f`: the dynamics, an `nn.Module` with `forward(t, x)` that acts on each sample of the
-      batch separately (the per-sample Jacobian is what is estimated).
-    - `x`: batched initial state `[B, ...]`.
-    - `t`: output times (at least two; the integrals run from `t[0]` to `t[-1]`).
-    - `options`: an `odenet.options.SolveOptions` (e.g. `block.options`).
-    - `config`: an :class:`RNODE` with the weights.
-    - `noise`: the Hutchinson vector `ε` (shape of `x`); default: drawn from `config.noise`.
-    - `generator`: a `torch.Generator` for drawing `ε` (default: the global one).
-    - `adjoint_params`: as in `odenet.odeint` (default: `f`'s parameters).
-
-    **Returns:** a :class:`RegularizedSolution` `(solution, regularization, kinetic, jacobian)`.
-
-    **Raises:** `TypeError`/`ValueError` for a non-`RNODE` config, an unbatched `x` or a
-    `noise` of the wrong shape; `odenet.SolverError` as `odeint` does.
-
-    **Example:**
-
-    ```python
-    block = odenet.ODEBlock(odenet.MLPDynamics(dim=2), rtol=1e-4, atol=1e-4)
-    res = odenet.regularization.solve_regularized(
-        block.f, torch.randn(32, 2), (0.0, 1.0), block.options, odenet.RNODE(kinetic=1.0, jacobian=1.0)
-    )
-    res.solution.ys[-1].shape, res.regularization, res.kinetic.shape   # [32, 2], scalar, [32]
-    ```
-    """
+def _check_inputs(f, x, config) -> None:
+    """Raise for a non-`RNODE` config, a non-module `f` or an unbatched, non-float `x`."""
     if not isinstance(config, RNODE):
         raise TypeError(f"config must be an odenet.RNODE, got {type(config).__name__}.")
     if not isinstance(f, nn.Module):
@@ -229,37 +163,40 @@ def solve_regularized(
             f"RNODE needs a batched state [B, ...] (the integrals are per sample), got shape {tuple(x.shape)}. "
             "Add a batch axis with x.unsqueeze(0)."
         )
-    eps = None
-    if config.jacobian > 0:
-        if noise is None:
-            eps = config.sample_noise(x, generator)
-        else:
-            if not isinstance(noise, Tensor) or noise.shape != x.shape:
-                got = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
-                raise ValueError(f"noise must be a tensor of the state's shape {tuple(x.shape)}, got {got}.")
-            eps = noise.to(dtype=x.dtype, device=x.device)
 
+
+def _hutchinson_noise(config: RNODE, x: Tensor, noise, generator) -> Optional[Tensor]:
+    """The `ε` of this solve: `noise` (checked) or a fresh draw; `None` without a Jacobian term."""
+    if config.jacobian == 0:
+        return None
+    if noise is None:
+        return config.sample_noise(x, generator)
+    if not isinstance(noise, Tensor) or noise.shape != x.shape:
+        got = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
+        raise ValueError(f"noise must be a tensor of the state's shape {tuple(x.shape)}, got {got}.")
+    return noise.to(dtype=x.dtype, device=x.device)
+
+
+def _direction(t) -> float:
+    """-1.0 when `t` runs backwards, else 1.0, so that the integrals grow positive either way."""
     try:
         tt = t.detach().double().flatten() if isinstance(t, Tensor) else torch.as_tensor(list(t), dtype=torch.float64)
-        sign = -1.0 if tt.numel() >= 2 and float(tt[-1]) < float(tt[0]) else 1.0
+        return -1.0 if tt.numel() >= 2 and float(tt[-1]) < float(tt[0]) else 1.0
     except (TypeError, ValueError):
-        sign = 1.0  # a malformed t is reported by solve_with_options below
-    use_k = config.kinetic > 0
-    dyn = _RegularizedDynamics(f, x.shape, use_k, eps, sign)
-    batch, n = x.shape[0], dyn.n
-    extra = int(use_k) + int(eps is not None)
-    z0 = torch.cat([x.reshape(batch, n), x.new_zeros(batch, extra)], dim=1)
-    sol = solve_with_options(dyn, z0, t, options, adjoint_params)
+        return 1.0  # a malformed t is reported by solve_with_options
 
+
+def _split_state(sol: Solution, x: Tensor, n: int, config: RNODE, has_jacobian: bool) -> RegularizedSolution:
+    """The augmented solution split into `x`'s solution, the weighted term and the integrals."""
     ys = sol.ys[:, :, :n].reshape(sol.ys.shape[0], *x.shape)
     col = n
     kinetic = jacobian = None
     term = x.new_zeros(())
-    if use_k:
+    if config.kinetic > 0:
         kinetic = sol.ys[-1, :, col]
         term = term + config.kinetic * kinetic.mean()
         col += 1
-    if eps is not None:
+    if has_jacobian:
         jacobian = sol.ys[-1, :, col]
         term = term + config.jacobian * jacobian.mean()
     return RegularizedSolution(dataclasses.replace(sol, ys=ys), term, kinetic, jacobian)

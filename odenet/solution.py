@@ -16,19 +16,15 @@ __all__ = ["Solution", "SolveStats", "SolverError", "Status", "StepInfo"]
 
 @dataclass
 class Solution:
-    """The result of :func:`odenet.odeint`.
+    """What `odenet.odeint` returns.
 
     **Fields:**
 
-    - `ts`: the output times, as given (a tensor).
-    - `ys`: the states at those times, shape `[len(ts), *y0.shape]`. After a failed solve
-      (only returned with `throw=False`) the outputs that were not reached are NaN.
-    - `stats`: a :class:`SolveStats` (function evaluations, accepted/rejected steps, final
-      step size). Its backward counts fill in when gradients are computed.
-    - `status`: a :class:`Status`; `Status.SUCCESS` unless the solver failed.
-    - `message`: what happened and, on failure, what to try.
-    - `steps`: every step attempted by the forward solve, as `StepInfo(t, h, accepted)`
-      (start time, signed step size, accepted or rejected); empty for the torchdiffeq backend.
+    - `ts`, `ys`: the output times, as given, and the states there (`[len(ts), *y0.shape]`; NaN
+      where a failed solve, returned with `throw=False`, did not reach).
+    - `stats`, `status`, `message`: what it cost (`SolveStats`), how it ended, what to try.
+    - `steps`: every step the forward solve attempted, `StepInfo(t, h, accepted)`; empty for the
+      torchdiffeq backend.
 
     **Example:**
 

@@ -1,38 +1,38 @@
-"""Every name on the API pages documents its arguments, returns, raises and an example (issue 6).
+"""Lean docstrings: full sections on the entry points, a line or two elsewhere, and at most about
+0.35 docstring lines per code line in `odenet/` (the architecture issue; DESIGN.md, "Style").
 
-The API pages (`docs/api/*.md`) render docstrings with mkdocstrings (`docstring_style: null`),
-so a docstring's sections are Markdown: `**Arguments:**`, `**Returns:**`, `**Raises:**` and
-`**Example:**`. This test checks them mechanically.
+**Which names.** `odenet` and every public module of the package (found on disk, no part of the
+dotted name starting with `_`); the functions and classes in their `__all__`; and the public
+methods and properties defined in those classes' bodies (what mkdocstrings renders). Data
+(`SOLVERS`, `__version__`, the tableau objects) is documented in the page text and skipped.
 
-Which names: every `::: dotted.name` directive on `docs/api/*.md`. A module directive stands for
-its `__all__` members (a module directive with `members: false` for the module alone, whose
-members then have their own directives). Data (tuples, dicts, strings: `SOLVERS`,
-`__version__`) has no docstring of its own and is documented in the page text, so it is skipped.
-A class stands for itself and for the public methods defined in its body (what mkdocstrings
-renders as its members with `filters: ["!^_"]`; inherited methods are not rendered). Properties
-are rendered as attributes and need a docstring, not sections.
+**Every name** has a docstring of at least one line: a class its own (not a base class's, nor a
+dataclass's generated signature); a method that overrides a documented one
+(`nn.Module.extra_repr`) may inherit it, as `inspect.getdoc` does.
 
-The rules, for each function, method and class:
+**Entry points** (`ENTRY_POINTS`: `odeint`, the blocks, `swap_blocks`, the typed options, the
+plotting functions, and the public classes and functions listed with them) keep full Markdown
+sections, rendered by mkdocstrings (`docstring_style: null`). For each, itself (not its methods):
 
-1. **Example:** the docstring of a function or class has an `**Example:**` section followed by
-   a ```python block (`tests/test_docs.py` runs those blocks). Methods are shown in their
-   class's example and need no example of their own.
-2. **Arguments:** when the callable takes a parameter other than `self`/`cls` (for a class: the
-   parameters of its constructor, `inspect.signature(cls)`, leaving out private `_names`; not
-   for an `Enum`, whose values are its members), the docstring has an `**Arguments:**` section
-   (a class may call it `**Fields:**`) that is a bullet list, and every parameter name
-   (`*args`/`**kwargs` as `args`/`kwargs`) appears in it in backticks.
-3. **Returns:** a function or method returns something when its return annotation is present
-   and not `None`, or, without an annotation, its body (outside nested functions) contains
-   `return <value>` or `yield`. Then the docstring has a `**Returns:**` section. Classes are
-   exempt (they return an instance).
-4. **Raises:** when the code raises, the docstring has a `**Raises:**` section. "The code" is
-   the function's or method's own body, or for a class its `__init__`, `__new__`,
-   `__post_init__` (construction), plus the private helpers it calls that are defined in the
-   same module (`_helper(...)`) or class (`self._helper(...)`), followed transitively. "Raises"
-   means a `raise X` statement; a bare re-`raise` and `raise AssertionError` (an unreachable
-   branch) do not count. Constructors inherited from another class (`Enum.__new__`) are not
-   the class's own code.
+1. **Example:** an `**Example:**` section with code: a ```python block (`tests/test_docs.py`
+   runs it), or inline code where one line shows it all (`odenet.Direct()`).
+2. **Arguments:** when it takes parameters (a class: those of `inspect.signature(cls)`, not for
+   an `Enum`; private `_names` left out), an `**Arguments:**` (a class may say `**Fields:**`)
+   bullet list naming each one in backticks (`*args`/`**kwargs` as `args`/`kwargs`); one
+   bullet may name several.
+3. **Returns:** a function that returns something (a return annotation other than `None`, or
+   without one a `return <value>` or `yield` in its own body) has a `**Returns:**` section.
+4. **Raises:** when the code raises, a `**Raises:**` section. "The code" is the function's body,
+   or a class's own `__init__`, `__new__` and `__post_init__` (not `Enum.__new__`), plus the
+   private helpers it calls from its module (`_helper(...)`) or class (`self._helper(...)`),
+   transitively. A bare re-`raise` and `raise AssertionError` (an unreachable branch) do not count.
+
+**The ratio.** For each `.py` file under `odenet/`: *docstring lines* are the lines spanned by the
+docstrings of the module, its classes and its functions (the string literal that is the first
+statement of the body, as `ast.get_docstring` finds it), from the opening to the closing quotes,
+blank lines inside included. *Code lines* are the other lines that are neither blank nor a
+comment (first non-blank character `#`). The ratio is the sum of docstring lines over the sum of
+code lines, over all files; it must be at most `MAX_DOC_RATIO`.
 """
 
 from __future__ import annotations
@@ -42,77 +42,73 @@ import enum
 import importlib
 import inspect
 import pathlib
+import pkgutil
 import re
 import textwrap
 
 import pytest
 
+import odenet
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-API = ROOT / "docs" / "api"
+PACKAGE = ROOT / "odenet"
+MAX_DOC_RATIO = 0.35
 
-_DIRECTIVE = re.compile(r"^:::\s+([\w.]+)[ \t]*\n((?:[ \t]+\S.*\n?)*)", re.M)
+#: The names that keep full sections: the issue's entry points, then the public classes and
+#: functions a reader starts from. Every other public name needs a line or two.
+ENTRY_POINTS = (
+    "odenet.odeint", "odenet.ResBlock", "odenet.ODEBlock", "odenet.swap_blocks",
+    "odenet.Fixed", "odenet.Adaptive", "odenet.Direct", "odenet.Adjoint", "odenet.Checkpoint",
+    *(f"odenet.plotting.{n}" for n in odenet.plotting.__all__),
+    "odenet.Solution", "odenet.SolveStats", "odenet.SolverError", "odenet.Status",
+    "odenet.MLPDynamics", "odenet.ConvDynamics", "odenet.Augment", "odenet.RNODE", "odenet.citation",
+    "odenet.solvers.ButcherTableau", "odenet.solvers.ExplicitRK", "odenet.solvers.PIController",
+    "odenet.measure.saved_tensors", "odenet.measure.host_reads", "odenet.measure.median_time",
+    "odenet.measure.cuda_peak_memory", "odenet.measure.synchronize",
+)
 
 
-def _resolve(identifier: str):
-    """The object a directive names: attributes first (`odenet.solvers.integrate` is the function
-    that `odenet/solvers/__init__.py` exports, not the submodule), then submodules."""
-    parts = identifier.split(".")
-    obj = importlib.import_module(parts[0])
-    for i, p in enumerate(parts[1:], start=2):
-        try:
-            obj = getattr(obj, p)
-        except AttributeError:  # `odenet.citation` is the function; `odenet.citation.citation` its module's
-            try:
-                obj = importlib.import_module(".".join(parts[:i]))
-            except ImportError:
-                obj = getattr(importlib.import_module(".".join(parts[: i - 1])), p)
-        if inspect.ismodule(obj) and not inspect.ismodule(getattr(obj, p, None) or obj):
-            obj = getattr(obj, p)  # a submodule's import may have rebound the exported function's name
+def _resolve(dotted: str):
+    """The object an `ENTRY_POINTS` name stands for (`odenet.citation` is the function)."""
+    obj = odenet
+    for part in dotted.split(".")[1:]:
+        obj = getattr(obj, part)
     return obj
 
 
-def _directives():
-    """(page, identifier, options text) for every `::: identifier` on the API pages."""
-    out = []
-    for page in sorted(API.glob("*.md")):
-        for m in _DIRECTIVE.finditer(page.read_text(encoding="utf-8")):
-            out.append((page.name, m.group(1), m.group(2)))
+def _public_modules():
+    """`odenet` and its public modules, as (name, module), found on disk."""
+    out = [("odenet", odenet)]
+    for info in pkgutil.walk_packages(odenet.__path__, "odenet."):
+        if not any(part.startswith("_") for part in info.name.split(".")):
+            out.append((info.name, importlib.import_module(info.name)))
     return out
 
 
-def _documented():
-    """(name, object, owner class or None) for every function, class and method on the API pages."""
+def _public_names():
+    """(name, object) for every public module, `__all__` function and class, and public method
+    and property of those classes; each object once, under its first name."""
     out, seen = [], set()
 
-    def add(name, obj, owner=None):
-        if id(obj) in seen:
-            return
-        seen.add(id(obj))
-        out.append((name, obj, owner))
-        if isinstance(obj, type):
-            for k, v in vars(obj).items():
-                if k.startswith("_"):
-                    continue
-                if isinstance(v, (staticmethod, classmethod)):
-                    v = v.__func__
-                if inspect.isfunction(v) or isinstance(v, property):
-                    add(f"{name}.{k}", v, obj)
+    def add(name, obj):
+        if id(obj) not in seen:
+            seen.add(id(obj))
+            out.append((name, obj))
 
-    for _, ident, options in _directives():
-        obj = _resolve(ident)
-        if inspect.ismodule(obj):
-            if re.search(r"members:\s*false", options):
-                continue
-            for n in getattr(obj, "__all__", []):
-                member = getattr(obj, n)
-                if inspect.isfunction(member) or isinstance(member, type):
-                    add(f"{ident}.{n}", member)
-        elif inspect.isfunction(obj) or isinstance(obj, type):
-            add(ident, obj)
+    for mod_name, module in _public_modules():
+        add(f"module {mod_name}", module)
+        for n in getattr(module, "__all__", []):
+            member = getattr(module, n)
+            if inspect.isfunction(member) or isinstance(member, type):
+                add(f"{mod_name}.{n}", member)
+                for k, v in vars(member).items() if isinstance(member, type) else ():
+                    v = v.__func__ if isinstance(v, (staticmethod, classmethod)) else v
+                    if not k.startswith("_") and (inspect.isfunction(v) or isinstance(v, property)):
+                        add(f"{mod_name}.{n}.{k}", v)
     return out
 
 
-DOCUMENTED = _documented()
+PUBLIC = _public_names()
 
 
 # ---------------------------------------------------------------------------- code analysis
@@ -153,6 +149,18 @@ def _returns_something(func) -> bool:
     return False
 
 
+def _helper(node: ast.Call, module_globals, owner):
+    """The private module- or class-level function a call names, or None."""
+    f = node.func
+    if isinstance(f, ast.Name) and f.id.startswith("_"):
+        return module_globals.get(f.id)
+    if (isinstance(f, ast.Attribute) and f.attr.startswith("_") and not f.attr.startswith("__")
+            and isinstance(f.value, ast.Name) and f.value.id in ("self", "cls") and owner is not None):
+        helper = inspect.getattr_static(owner, f.attr, None)
+        return helper.__func__ if isinstance(helper, (staticmethod, classmethod)) else helper
+    return None
+
+
 def _raises(func, owner=None, _seen=None) -> bool:
     """Whether `func` raises, directly or through private helpers of its module or class."""
     _seen = set() if _seen is None else _seen
@@ -162,20 +170,11 @@ def _raises(func, owner=None, _seen=None) -> bool:
     fn = _tree(func)
     if fn is None:
         return False
-    module_globals = getattr(func, "__globals__", {})
     for node in ast.walk(fn):  # nested validation helpers count too
         if isinstance(node, ast.Raise) and node.exc is not None and not _is_assertion(node.exc):
             return True
         if isinstance(node, ast.Call):
-            helper = None
-            if isinstance(node.func, ast.Name) and node.func.id.startswith("_"):
-                helper = module_globals.get(node.func.id)
-            elif (isinstance(node.func, ast.Attribute) and node.func.attr.startswith("_")
-                  and not node.func.attr.startswith("__") and isinstance(node.func.value, ast.Name)
-                  and node.func.value.id in ("self", "cls") and owner is not None):
-                helper = inspect.getattr_static(owner, node.func.attr, None)
-                if isinstance(helper, (staticmethod, classmethod)):
-                    helper = helper.__func__
+            helper = _helper(node, getattr(func, "__globals__", {}), owner)
             if inspect.isfunction(helper) and _raises(helper, owner, _seen):
                 return True
     return False
@@ -198,20 +197,14 @@ def _class_raises(cls) -> bool:
     return False
 
 
-def _parameters(obj, owner):
-    if isinstance(obj, type):
-        if issubclass(obj, enum.Enum):
-            return []
-        try:
-            sig = inspect.signature(obj)
-        except (TypeError, ValueError):
-            return []
-    else:
+def _parameters(obj):
+    if isinstance(obj, type) and issubclass(obj, enum.Enum):
+        return []
+    try:
         sig = inspect.signature(obj)
-    names = [p.name for p in sig.parameters.values() if not p.name.startswith("_")]
-    if owner is not None and names and names[0] in ("self", "cls"):
-        names = names[1:]
-    return names
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in sig.parameters.values() if not p.name.startswith("_")]
 
 
 # ---------------------------------------------------------------------------- sections
@@ -223,15 +216,14 @@ def _section(doc: str, title: str):
     return None if m is None else m.group(1)
 
 
-def _problems(name, obj, owner):
+def _problems(name, obj):
+    """What the full sections of an entry point lack (rules 1–4 of the module docstring)."""
     doc = inspect.getdoc(obj) or ""
-    if isinstance(obj, property):
-        return [] if doc.strip() else [f"{name}: property without a docstring"]
     problems = []
     example = _section(doc, "Example")
-    if owner is None and (example is None or not re.search(r"^```python\n.*?^```", example, re.M | re.S)):
-        problems.append(f"{name}: no **Example:** section with a ```python block")
-    params = _parameters(obj, owner)
+    if example is None or not re.search(r"^```python\n.*?^```|`[^`\n]+`", example, re.M | re.S):
+        problems.append(f"{name}: no **Example:** section with code")
+    params = _parameters(obj)
     if params:
         args = _section(doc, "Arguments")
         if args is None and isinstance(obj, type):
@@ -244,41 +236,40 @@ def _problems(name, obj, owner):
                 problems.append(f"{name}: **Arguments:** does not name {missing}")
     if not isinstance(obj, type) and _returns_something(obj) and _section(doc, "Returns") is None:
         problems.append(f"{name}: returns a value but has no **Returns:** section")
-    raises = _class_raises(obj) if isinstance(obj, type) else _raises(obj, owner)
+    raises = _class_raises(obj) if isinstance(obj, type) else _raises(obj)
     if raises and _section(doc, "Raises") is None:
         problems.append(f"{name}: raises but has no **Raises:** section")
     return problems
 
 
-def test_api_pages_document_the_public_names():
-    names = {n for n, _, _ in DOCUMENTED}
-    for expected in ("odenet.odeint.odeint", "odenet.ODEBlock", "odenet.solvers.Tsit5",
-                     "odenet.solvers.ExplicitRK.step", "odenet.measure.median_time", "odenet.citation.citation"):
-        assert expected in names, f"{expected} is not collected from docs/api/*.md"
-    assert len(DOCUMENTED) >= 60
+def test_entry_points_are_public_names():
+    public = {id(obj) for _, obj in PUBLIC}
+    assert [n for n in ENTRY_POINTS if id(_resolve(n)) not in public] == []
+    assert len(PUBLIC) >= 60
 
 
-#: Names of the research kit (odenet.data, odenet.models, odenet.training) whose docstrings do
-#: not meet the rules yet (issue 6 is open for them). Each is a strict xfail: fixing one makes
-#: its case XPASS, which fails, so the name must then be removed from this list. Do not add to it.
-KNOWN_GAPS = frozenset()
+def test_public_names_are_the_installed_package():
+    # The experiments' kit (data sets, model presets, training loops) lives in experiments/kit,
+    # outside the installed package, so every name here is odenet's own.
+    assert not [n for n, _ in PUBLIC if n.split(".")[1:2] in (["data"], ["models"], ["training"])]
 
 
-def _cases():
-    for name, obj, owner in DOCUMENTED:
-        marks = [pytest.mark.xfail(strict=True, reason="issue 6: docstring sections not written yet")] \
-            if name in KNOWN_GAPS else []
-        yield pytest.param(name, obj, owner, id=name, marks=marks)
+def _docstring(obj) -> str:
+    """A class's own docstring, from its source (not a base class's, nor a dataclass's generated
+    signature); a module's; a function's or property's, inherited when it overrides one."""
+    if isinstance(obj, type):
+        return ast.get_docstring(ast.parse(textwrap.dedent(inspect.getsource(obj))).body[0]) or ""
+    return inspect.getdoc(obj) or ""
 
 
-def test_known_gaps_are_documented_names():
-    assert KNOWN_GAPS <= {n for n, _, _ in DOCUMENTED}
-    assert all(n.startswith(("odenet.data.", "odenet.models.", "odenet.training.")) for n in KNOWN_GAPS)
+@pytest.mark.parametrize("name,obj", [pytest.param(n, o, id=n) for n, o in PUBLIC])
+def test_every_public_name_has_a_docstring(name, obj):
+    assert _docstring(obj).strip(), f"{name} has no docstring"
 
 
-@pytest.mark.parametrize("name,obj,owner", list(_cases()))
-def test_docstring_sections(name, obj, owner):
-    problems = _problems(name, obj, owner)
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_entry_points_have_full_sections(name):
+    problems = _problems(name, _resolve(name))
     assert not problems, "\n".join(problems)
 
 
@@ -310,11 +301,43 @@ def test_rules_on_examples():
         """Double, undocumented."""
         return _check(x)
 
-    assert _problems("good", good, None) == []
-    assert len(_problems("bad", bad, None)) == 4  # example, arguments, returns, raises (via _check)
+    assert _problems("good", good) == []
+    assert len(_problems("bad", bad)) == 4  # example, arguments, returns, raises (via _check)
 
 
 def _check(x):
     if x < 0:
         raise ValueError(x)
     return 2 * x
+
+
+# ---------------------------------------------------------------------------- the ratio
+
+
+def doc_and_code_lines(source: str):
+    """(docstring lines, code lines) of one module's source, counted as the module docstring says."""
+    doc = set()
+    for node in ast.walk(ast.parse(source)):
+        kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        if isinstance(node, kinds) and ast.get_docstring(node, clean=False) is not None:
+            doc.update(range(node.body[0].lineno, node.body[0].end_lineno + 1))
+    code = sum(1 for i, line in enumerate(source.splitlines(), 1)
+               if i not in doc and line.strip() and not line.lstrip().startswith("#"))
+    return len(doc), code
+
+
+def test_ratio_counts_as_documented():
+    source = '"""Module.\n\nMore."""\n\nimport os  # a comment\n\n\ndef f():\n    """One line."""\n' \
+             '    # a comment line\n    s = """not a docstring"""\n    return s\n'
+    assert doc_and_code_lines(source) == (4, 4)  # docstrings 3 + 1; import, def, s = ..., return
+
+
+def test_docstring_to_code_ratio():
+    counts = {p.relative_to(ROOT): doc_and_code_lines(p.read_text(encoding="utf-8"))
+              for p in sorted(PACKAGE.rglob("*.py"))}
+    doc, code = sum(d for d, _ in counts.values()), sum(c for _, c in counts.values())
+    worst = sorted(counts.items(), key=lambda kv: -kv[1][0] / max(kv[1][1], 1))[:5]
+    assert doc / code <= MAX_DOC_RATIO, (
+        f"odenet/ has {doc} docstring lines for {code} code lines, ratio {doc / code:.3f} > {MAX_DOC_RATIO}; "
+        "the highest: " + ", ".join(f"{p} {d}/{c}" for p, (d, c) in worst)
+    )

@@ -1,10 +1,4 @@
-"""One generic explicit Runge–Kutta step for any :class:`ButcherTableau`.
-
-Solvers hold no parameters and no per-solve state: :meth:`ExplicitRK.step` takes
-the state and returns everything the integrate loop needs (the new state, the
-error estimate, the stages for dense output, and the first stage of the next
-step for FSAL methods).
-"""
+"""One generic explicit Runge–Kutta step for any `ButcherTableau`, and the built-in solvers."""
 
 from __future__ import annotations
 
@@ -34,11 +28,7 @@ Func = Callable[[float, Tensor], Tensor]
 
 
 def _combine(y: Tensor, h: float, coefs: Tuple[Tuple[int, float], ...], ks: List[Tensor]) -> Tensor:
-    """y + h Σ_j coef_j k_j, allocating one new tensor and accumulating in place.
-
-    Accumulating into the fresh tensor is autograd-safe: `add_` does not need its
-    output for backward.
-    """
+    """y + h Σ_j coef_j k_j in one new tensor (in-place `add_` on it is autograd-safe: it saves no output)."""
     if not coefs:
         return y
     j, a = coefs[0]
@@ -58,8 +48,7 @@ def _lincomb(h: float, coefs: Tuple[Tuple[int, float], ...], ks: List[Tensor]) -
 
 
 def without_grad(fn, *args):
-    """`fn(*args)` with autograd off; no context switch when it already is (the loop calls
-    this every step, and most solves without gradients run under `no_grad` already)."""
+    """`fn(*args)` with autograd off, skipping the context switch when it already is (called every step)."""
     if not torch.is_grad_enabled():
         return fn(*args)
     with torch.no_grad():
@@ -71,9 +60,8 @@ def _nonzero(row) -> Tuple[Tuple[int, float], ...]:
 
 
 class StepResult(NamedTuple):
-    """What one step returns: the new state, the local error estimate (``None`` for
-    fixed-step methods), all stages ``ks`` (for dense output), and ``f(t1, y1)``
-    when the method is FSAL (else ``None``)."""
+    """One step's result: new state, error estimate (or `None`), stages `ks` (for dense output),
+    and `f(t1, y1)` for FSAL methods (else `None`)."""
 
     y1: Tensor
     error: Optional[Tensor]
@@ -82,29 +70,27 @@ class StepResult(NamedTuple):
 
 
 class ExplicitRK:
-    """An explicit Runge–Kutta solver defined by a :class:`ButcherTableau`.
+    """An explicit Runge–Kutta solver for any `ButcherTableau`; the base of the built-in solvers.
+
+    The built-in classes (`Euler`, `Midpoint`, `Heun`, `RK4`, `Bosh3`, `Dopri5`, `Tsit5`) fix the
+    tableau and take only `adaptive`; each names its reference (in full: `TABLEAU.reference`).
+    Solvers hold no parameters and no per-solve state.
 
     **Arguments:**
 
-    - `tableau`: the method's coefficients.
-    - `adaptive`: run with error control and a step-size controller (needs
-      `tableau.b_err`). Defaults to `True` exactly when the tableau has an embedded
-      method. `adaptive=False` runs an embedded method on a fixed grid, which is how
-      its convergence order is measured.
+    - `tableau`: the method.
+    - `adaptive`: control the step size with the embedded error estimate (`tableau.b_err`);
+      default: exactly when there is one. `adaptive=False` runs an embedded pair on a fixed grid.
 
     **Raises:** `TypeError` if `tableau` is not a `ButcherTableau`; `ValueError` for
-    `adaptive=True` with a tableau that has no embedded error estimate.
+    `adaptive=True` without an error estimate.
 
     **Example:**
 
     ```python
-    import odenet
-    from odenet.solvers import ButcherTableau, ExplicitRK
-
-    ralston = ButcherTableau(name="ralston", c=(0, 2 / 3), a=((), (2 / 3,)),
-                             b=(1 / 4, 3 / 4), order=2)
-    sol = odenet.odeint(lambda t, y: -y, torch.ones(3), [0.0, 1.0],
-                        solver=ExplicitRK(ralston), steps=10)
+    solver = odenet.solvers.Dopri5(adaptive=False)  # an adaptive pair on a fixed grid
+    sol = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], solver=solver, steps=10)
+    assert solver.order == 5 and sol.stats.n_accepted == 10
     ```
     """
 
@@ -158,29 +144,11 @@ class ExplicitRK:
         last_stage: bool = True,
         times: Optional[Sequence] = None,
     ) -> StepResult:
-        """Take one step of size `h` (negative to integrate backwards) from `(t, y)`.
+        """One step of size `h` (negative: backwards) from `(t, y)`, as a `StepResult`.
 
-        `k1 = f(t, y)` may be passed in (FSAL methods hand it over from the previous
-        step); otherwise it is evaluated. `with_error=False` skips the error estimate
-        (used when a step is recomputed for its gradient); with it, `last_stage=False` also
-        skips an FSAL method's last evaluation `f(t1, y1)`, which only the error estimate,
-        dense output and the next step need (`ks` then lacks that stage). `times[i]`, when
-        given, is passed to `f` as stage `i`'s time instead of the float `t + c_i h` (the
-        loop hands in pre-made time tensors on fixed grids).
-
-        **Arguments:**
-
-        - `f`: the dynamics `f(t, y)`.
-        - `t`, `y`: time and state at the start of the step.
-        - `h`: the step size.
-        - `k1`: `f(t, y)` if already known (default: evaluated here).
-        - `with_error`: compute the local error estimate (adaptive solvers only).
-        - `last_stage`: evaluate an FSAL method's last stage even without the error estimate.
-        - `times`: the time argument of `f` for each stage (default: `t + c_i h`).
-
-        **Returns:** a `StepResult` named tuple `(y1, error, ks, k_next)`: the new state, the
-        error estimate (`None` for fixed steps or `with_error=False`), the stages, and
-        `f(t + h, y1)` for FSAL methods (else `None`).
+        `k1 = f(t, y)` may be handed in (FSAL). `with_error=False` skips the error estimate and, with
+        `last_stage=False`, an FSAL method's last evaluation (`ks` then lacks it). `times[i]`, if
+        given, is stage `i`'s time argument instead of `t + c_i h`.
         """
         tab = self.tableau
         if k1 is None:
@@ -209,17 +177,7 @@ class ExplicitRK:
         return StepResult(y1, error, ks, k_next)
 
     def interpolate(self, y0: Tensor, h: float, ks: List[Tensor], theta: float) -> Tensor:
-        """Dense output at `t0 + θ h` from the stages of the step that started at `(t0, y0)`.
-
-        **Arguments:**
-
-        - `y0`: the state at the start of the step.
-        - `h`: the step size.
-        - `ks`: the stages `step` returned for that step.
-        - `theta`: the fraction of the step, in `[0, 1]`.
-
-        **Returns:** the interpolated state, a tensor of `y0`'s shape.
-        """
+        """Dense output at `t0 + theta h` from the stages `ks` of the step that started at `(t0, y0)`."""
         weights = tuple(
             (i, sum(coef * theta ** (j + 1) for j, coef in enumerate(row))) for i, row in enumerate(self._dense)
         )
@@ -228,7 +186,7 @@ class ExplicitRK:
 
 
 class _NamedRK(ExplicitRK):
-    """Base of the built-in methods: the tableau is a class attribute."""
+    """A built-in method: `ExplicitRK(TABLEAU, adaptive)` with the tableau as a class attribute."""
 
     TABLEAU: ButcherTableau
 
@@ -240,166 +198,43 @@ class _NamedRK(ExplicitRK):
 
 
 class Euler(_NamedRK):
-    """Explicit Euler, order 1: one residual update `y + h f(t, y)` per step.
-
-    Reference: L. Euler, Institutionum calculi integralis, 1768.
-
-    **Arguments:**
-
-    - `adaptive`: run with error control (default: `True` exactly when the method has an
-      embedded error estimate).
-
-    **Raises:** `ValueError` for `adaptive=True` on a method without an error estimate.
-
-    **Example:**
-
-    ```python
-    sol = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], solver=odenet.solvers.Euler(), steps=10)
-    sol.ys[-1]  # (1 - 0.1) ** 10, close to exp(-1)
-    ```
-    """
+    """Explicit Euler, order 1, one residual update `y + h f(t, y)` per step (Euler 1768)."""
 
     TABLEAU = EULER
 
 
 class Midpoint(_NamedRK):
-    """Explicit midpoint rule, order 2, second-order dense output.
-
-    Reference: C. Runge, Math. Ann. 46, 1895.
-
-    **Arguments:**
-
-    - `adaptive`: run with error control (default: `True` exactly when the method has an
-      embedded error estimate).
-
-    **Raises:** `ValueError` for `adaptive=True` on a method without an error estimate.
-
-    **Example:**
-
-    ```python
-    solver = odenet.solvers.Midpoint()
-    sol = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], solver=solver, steps=10)
-    ```
-    """
+    """Explicit midpoint rule, order 2 (Runge 1895)."""
 
     TABLEAU = MIDPOINT
 
 
 class Heun(_NamedRK):
-    """Heun's method (explicit trapezoidal rule), order 2, second-order dense output.
-
-    Reference: K. Heun, Z. Math. Phys. 45, 1900.
-
-    **Arguments:**
-
-    - `adaptive`: run with error control (default: `True` exactly when the method has an
-      embedded error estimate).
-
-    **Raises:** `ValueError` for `adaptive=True` on a method without an error estimate.
-
-    **Example:**
-
-    ```python
-    solver = odenet.solvers.Heun()
-    sol = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], solver=solver, steps=10)
-    ```
-    """
+    """Heun's method (explicit trapezoidal rule), order 2 (Heun 1900)."""
 
     TABLEAU = HEUN
 
 
 class RK4(_NamedRK):
-    """The classical fourth-order Runge–Kutta method, third-order dense output.
-
-    Reference: W. Kutta, Z. Math. Phys. 46, 1901.
-
-    **Arguments:**
-
-    - `adaptive`: run with error control (default: `True` exactly when the method has an
-      embedded error estimate).
-
-    **Raises:** `ValueError` for `adaptive=True` on a method without an error estimate.
-
-    **Example:**
-
-    ```python
-    solver = odenet.solvers.RK4()
-    sol = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], solver=solver, steps=4)
-    assert solver.order == 4 and not solver.adaptive
-    ```
-    """
+    """The classical Runge–Kutta method, order 4 (Kutta 1901)."""
 
     TABLEAU = _RK4_TABLEAU
 
 
 class Bosh3(_NamedRK):
-    """Bogacki–Shampine 3(2): FSAL, adaptive, cubic Hermite dense output.
-
-    Reference: P. Bogacki and L. F. Shampine, Appl. Math. Lett. 2(4), 1989.
-
-    **Arguments:**
-
-    - `adaptive`: run with error control (default: `True` exactly when the method has an
-      embedded error estimate).
-
-    **Raises:** `ValueError` for `adaptive=True` on a method without an error estimate.
-
-    **Example:**
-
-    ```python
-    sol = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], solver=odenet.solvers.Bosh3(),
-                        rtol=1e-5, atol=1e-7)
-    fixed = odenet.solvers.Bosh3(adaptive=False)  # the same method on a fixed grid
-    ```
-    """
+    """Bogacki–Shampine 3(2), adaptive, FSAL (Bogacki & Shampine 1989)."""
 
     TABLEAU = BOSH3
 
 
 class Dopri5(_NamedRK):
-    """Dormand–Prince 5(4): FSAL, adaptive, Shampine's fourth-order dense output.
-
-    Reference: J. R. Dormand and P. J. Prince, J. Comput. Appl. Math. 6(1), 1980;
-    L. F. Shampine, Math. Comp. 46(173), 1986.
-
-    **Arguments:**
-
-    - `adaptive`: run with error control (default: `True` exactly when the method has an
-      embedded error estimate).
-
-    **Raises:** `ValueError` for `adaptive=True` on a method without an error estimate.
-
-    **Example:**
-
-    ```python
-    sol = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], solver=odenet.solvers.Dopri5(),
-                        rtol=1e-6, atol=1e-8)
-    sol.stats.nfe_forward
-    ```
-    """
+    """Dormand–Prince 5(4), adaptive, FSAL (Dormand & Prince 1980; dense output: Shampine 1986)."""
 
     TABLEAU = DOPRI5
 
 
 class Tsit5(_NamedRK):
-    """Tsitouras 5(4): FSAL, adaptive, fourth-order dense output.
-
-    Reference: Ch. Tsitouras, Comput. Math. Appl. 62(2), 2011.
-
-    **Arguments:**
-
-    - `adaptive`: run with error control (default: `True` exactly when the method has an
-      embedded error estimate).
-
-    **Raises:** `ValueError` for `adaptive=True` on a method without an error estimate.
-
-    **Example:**
-
-    ```python
-    sol = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], solver=odenet.solvers.Tsit5(),
-                        rtol=1e-6, atol=1e-8)
-    ```
-    """
+    """Tsitouras 5(4), adaptive, FSAL (Tsitouras 2011)."""
 
     TABLEAU = TSIT5
 
@@ -420,25 +255,8 @@ _DEFAULT_INSTANCES: dict = {}
 
 
 def get_solver(solver) -> ExplicitRK:
-    """Turn a name from `SOLVERS` or an `ExplicitRK` instance into a solver.
-
-    **Arguments:**
-
-    - `solver`: a name such as `"dopri5"` (case-insensitive) or an `ExplicitRK` instance.
-
-    **Returns:** the solver object (the one shared default instance for a name; solvers
-    are stateless).
-
-    **Raises:** `ValueError` for an unknown name, `TypeError` for anything else.
-
-    **Example:**
-
-    ```python
-    from odenet.solvers import get_solver
-    solver = get_solver("tsit5")
-    solver.order, solver.adaptive  # (5, True)
-    ```
-    """
+    """The solver for a name in `SOLVERS` (case-insensitive; one shared instance, solvers being
+    stateless), or an `ExplicitRK` as it is."""
     if isinstance(solver, ExplicitRK):
         return solver
     if isinstance(solver, str):

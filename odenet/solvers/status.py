@@ -9,14 +9,11 @@ __all__ = ["Status", "SolverError"]
 
 
 class Status(enum.Enum):
-    """Outcome of a solve: `SUCCESS`, `MAX_STEPS`, `STEP_UNDERFLOW` or `NONFINITE`.
-
-    Every failure's `message()` says what happened and what to try.
+    """How a solve ended: `SUCCESS`, `MAX_STEPS`, `STEP_UNDERFLOW` or `NONFINITE`; `message()` says what to try.
 
     **Example:**
 
     ```python
-    import torch, odenet
     sol = odenet.odeint(lambda t, y: y**2, torch.ones(1), [0.0, 2.0], min_step=1e-3, throw=False)
     sol.status is odenet.Status.STEP_UNDERFLOW, sol.message
     ```
@@ -29,17 +26,8 @@ class Status(enum.Enum):
 
     def message(self, t: float = float("nan"), h: float = float("nan"), max_steps: int = 0, min_step=None,
                 fixed: bool = False) -> str:
-        """Human-readable explanation with the time `t`, step size `h` and limits filled in.
-
-        **Arguments:**
-
-        - `t`, `h`: the time and step size where the solve stopped (left out of the message
-          when NaN, i.e. unknown).
-        - `max_steps`, `min_step`: the limits in force.
-        - `fixed`: a fixed-step solve, which checks finiteness once, at its end.
-
-        **Returns:** the message, a string that says what happened and what to try.
-        """
+        """What happened and what to try, with the time `t`, step size `h` (left out when NaN) and
+        limits filled in; `fixed`: a fixed-step solve, which checks finiteness only at its end."""
         if self is Status.SUCCESS:  # first: every successful solve asks
             return "The solve succeeded."
         at = f" at t={t:.6g}" if math.isfinite(t) else ""
@@ -76,17 +64,13 @@ class Status(enum.Enum):
 class SolverError(RuntimeError):
     """The solver failed: maximum steps reached, step size underflow, or a non-finite state.
 
-    The message says what happened and what to try. Attributes: `status` (a
-    :class:`Status`), `stats` (the partial `SolveStats`) and `solution` (the partial
-    `Solution`, or `None` when the failure happened in the adjoint's backward pass).
-    Pass `throw=False` to get the `Solution` with its status instead.
+    The message says what to try; `throw=False` returns the partial `Solution` instead.
 
     **Arguments:**
 
     - `message`: the explanation (usually `status.message(...)`).
-    - `status`: the `Status` of the failed solve.
-    - `stats`: the partial `SolveStats` (default `None`).
-    - `solution`: the partial `Solution` (default `None`).
+    - `status`, `stats`, `solution`: kept as attributes: the `Status`, the partial `SolveStats`
+      and the partial `Solution` (`None` when the adjoint's backward pass failed).
 
     **Example:**
 

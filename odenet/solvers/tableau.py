@@ -1,16 +1,7 @@
-"""Butcher tableaus: explicit Runge–Kutta methods as data.
+"""Butcher tableaus: explicit Runge–Kutta methods as data, one frozen object per method.
 
-Each method is one frozen :class:`ButcherTableau` holding its nodes ``c``, its
-strictly lower-triangular matrix ``a``, its solution weights ``b``, optionally
-the error weights ``b_err = b - b_embedded`` of an embedded lower-order method,
-and its *dense output*: for every stage ``i`` a polynomial ``b_i(θ)`` with
-``b_i(1) = b_i`` such that
-
-    y(t0 + θ h) ≈ y0 + h Σ_i b_i(θ) k_i,    0 ≤ θ ≤ 1.
-
-``dense[i]`` lists the coefficients of ``θ, θ², θ³, …`` (no constant term,
-since ``y(t0) = y0``). One generic step in :mod:`odenet.solvers.rk` runs any
-tableau; adding a method is adding one of these objects.
+Dense output: `y(t0 + θh) ≈ y0 + h Σ_i b_i(θ) k_i` with `b_i(1) = b_i`; `dense[i]` holds the
+coefficients of `θ, θ², …` of `b_i(θ)` (no constant term, since `y(t0) = y0`).
 """
 
 from __future__ import annotations
@@ -41,27 +32,21 @@ def _tuple(x: Sequence) -> Row:
 
 @dataclass(frozen=True)
 class ButcherTableau:
-    """An explicit Runge–Kutta method as data.
+    """An explicit Runge–Kutta method as data; `ExplicitRK(tableau)` runs it.
 
     **Arguments:**
 
     - `name`: short name, used in messages and by `odenet.citation`.
-    - `c`: nodes, length `s` (number of stages), `c[0] == 0`.
-    - `a`: strictly lower-triangular stage matrix as `s` rows; row `i` has `i` entries.
-    - `b`: weights of the propagated solution, length `s`, summing to 1.
-    - `order`: order of the propagated solution.
-    - `b_err`: optional error weights `b - b_embedded` of an embedded method; makes the
-      method adaptive-capable.
-    - `embedded_order`: order of the embedded method (required with `b_err`).
-    - `dense`: optional per-stage polynomial coefficients of the continuous extension
-      (coefficients of `θ, θ², …`); defaults to linear interpolation `b_i(θ) = θ b_i`.
-    - `reference`: where the method comes from.
+    - `c`, `a`, `b`: nodes (`c[0] == 0`), the strictly lower-triangular stage matrix (row `i`
+      has `i` entries) and the solution weights (summing to 1), one per stage.
+    - `order`: order of the solution.
+    - `b_err`, `embedded_order`: error weights `b - b_embedded` and order of an embedded
+      method; with them the method can run adaptively.
+    - `dense`: per-stage coefficients of the continuous extension (default: linear, `θ b_i`).
+    - `reference`: where the method comes from (printed by `odenet.citation`).
 
-    **Raises:**
-
-    - `ValueError` if the arrays have inconsistent shapes, `c` does not equal the row
-      sums of `a`, the weights do not sum to 1, or the dense output does not reproduce
-      `b` at `θ = 1`.
+    **Raises:** `ValueError` if the shapes disagree, `c` is not the row sums of `a`, the weights
+    do not sum to 1 (`b_err` to 0), or `dense` does not give `b` at `θ = 1`.
 
     **Example:**
 
@@ -69,7 +54,6 @@ class ButcherTableau:
     from odenet.solvers import ButcherTableau, ExplicitRK
 
     ralston = ButcherTableau(name="ralston", c=(0, 2 / 3), a=((), (2 / 3,)), b=(1 / 4, 3 / 4), order=2)
-    assert ralston.stages == 2 and not ralston.adaptive
     sol = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], solver=ExplicitRK(ralston), steps=8)
     ```
     """
@@ -143,20 +127,13 @@ class ButcherTableau:
 
     @property
     def error_order(self) -> int:
-        """Order `q` of the local error estimate's leading term minus one (`min(order, embedded_order)`)."""
+        """Order `q` of the error estimate, `min(order, embedded_order)`."""
         if self.embedded_order is None:
             return self.order
         return min(self.order, self.embedded_order)
 
     def dense_weights(self, theta: float) -> Tuple[float, ...]:
-        """The weights `b_i(θ)` of the continuous extension at `θ ∈ [0, 1]`.
-
-        **Arguments:**
-
-        - `theta`: the fraction of the step.
-
-        **Returns:** a tuple of `s` floats (equal to `b` at `θ = 1`).
-        """
+        """The weights `b_i(θ)` of the continuous extension at `θ = theta` in `[0, 1]`."""
         return tuple(sum(coef * theta ** (j + 1) for j, coef in enumerate(row)) for row in self.dense)
 
 
@@ -200,11 +177,9 @@ def _to_dense(polys) -> Tuple[Row, ...]:
 
 
 def _hermite_dense(b: Sequence[Fraction]) -> Tuple[Row, ...]:
-    """Cubic Hermite continuous extension of an FSAL method (last stage is f(t1, y1)).
-
-    y(θ) = (2θ³-3θ²+1) y0 + (θ³-2θ²+θ) h f0 + (3θ²-2θ³) y1 + (θ³-θ²) h f1, with
-    y1 = y0 + h Σ b_i k_i, f0 = k_0 and f1 = k_{s-1}.
-    """
+    """Cubic Hermite continuous extension of an FSAL method, whose last stage is f(t1, y1)."""
+    # y(θ) = (2θ³-3θ²+1) y0 + (θ³-2θ²+θ) h f0 + (3θ²-2θ³) y1 + (θ³-θ²) h f1, with
+    # y1 = y0 + h Σ b_i k_i, f0 = k_0 and f1 = k_{s-1}.
     s = len(b)
     h00_f0 = _poly(0, 1, -2, 1)
     h01 = _poly(0, 0, 3, -2)
