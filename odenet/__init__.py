@@ -6,7 +6,7 @@ from . import measure, plotting, solvers
 from .augment import Augment
 from .regularization import RNODE
 from .blocks import ODEBlock, ResBlock
-from .swap import swap_blocks
+from .swap import swap_blocks, swap_report
 from .gradients import Adjoint, Checkpoint, Direct
 from .solvers.control import Adaptive, Fixed
 from .dynamics import ConvDynamics, MLPDynamics
@@ -38,6 +38,7 @@ __all__ = [
     "ResBlock",
     "ODEBlock",
     "swap_blocks",
+    "swap_report",
     "MLPDynamics",
     "ConvDynamics",
     "solvers",

@@ -58,6 +58,7 @@ class Adjoint(Option):
     **Example:**
 
     ```python
+    f = odenet.MLPDynamics(dim=2, hidden=8)
     block = odenet.ODEBlock(f, solver="dopri5", gradient=odenet.Adjoint(rtol=1e-4, atol=1e-6, seminorm=True))
     ```
     (shorthand: `gradient="adjoint", adjoint_rtol=1e-4, adjoint_atol=1e-6, adjoint_seminorm=True`)

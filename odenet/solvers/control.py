@@ -82,7 +82,7 @@ class Fixed(Option):
     **Example:**
 
     ```python
-    sol = odenet.odeint(f, y0, [0.0, 1.0], solver="rk4", control=odenet.Fixed(steps=8))
+    sol = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], solver="rk4", control=odenet.Fixed(steps=8))
     ```
     """
 
@@ -130,7 +130,7 @@ class Adaptive(Option):
 
     ```python
     control = odenet.Adaptive(rtol=1e-6, atol=1e-8, max_steps=500)
-    sol = odenet.odeint(f, y0, [0.0, 1.0], solver="dopri5", control=control)
+    sol = odenet.odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], solver="dopri5", control=control)
     ```
     """
 
