@@ -20,14 +20,16 @@ Three models share the same dynamics architecture (`odenet.MLPDynamics`) and rea
 Writes to `--out` (default `results/augmented/`): `trajectories.png` (hidden-state
 trajectories of the three models on test points, seed 0), `training.png` (training loss and
 NFE per iteration), `summary.png` (final training loss against NFE per model and seed) and
-`results.json` (settings, per-seed and mean metrics, histories). Accuracy is on a fresh test
-set drawn from the same distribution; the NFE is that of one forward solve of the test set.
+`results.json` (command, environment, settings, per-seed and mean metrics, histories). Accuracy
+is on a fresh test set drawn from the same distribution; the NFE is that of one forward solve of
+the test set. Each model and seed is a line of `results.jsonl` as it finishes (the seed-0 weights,
+which the trajectory figure draws, in `model-*-seed0.pt`): a rerun with the same settings
+resumes, `--fresh` starts over.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -40,41 +42,44 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 import odenet
+from kit.models import check_solver_settings
+from kit.skeleton import (ResultLog, UsageError, build_parser, command_line, digest, environment, key_fields,
+                          load_checkpoint, opt, parse_config, save_checkpoint, save_figure, usage_error, write_json)
 from odenet import plotting
-from odenet.odeint import make_options
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import opt, parse_config, save_figure  # noqa: E402
+PROG = "augmented.py"
 
 
 @dataclass
 class AugmentedConfig:
-    dim: int = opt(2, "input dimension of the spheres")
-    n_train: int = opt(1000, "training points per class")
-    n_test: int = opt(500, "test points per class")
+    dim: int = opt(2, "input dimension of the spheres", minimum=1)
+    n_train: int = opt(1000, "training points per class", minimum=1)
+    n_test: int = opt(500, "test points per class", minimum=1)
     inner_radius: float = opt(0.5, "class 0: ||x|| <= inner_radius")
     outer_min: float = opt(1.0, "class 1: outer_min <= ||x|| <= outer_max")
     outer_max: float = opt(1.5, "class 1: outer_min <= ||x|| <= outer_max")
-    augment: int = opt(1, "extra zero dimensions of ANODE")
-    hidden: int = opt(32, "width of the dynamics MLP's hidden layers")
-    layers: int = opt(2, "hidden layers of the dynamics MLP")
+    augment: int = opt(1, "extra zero dimensions of ANODE", minimum=1)
+    hidden: int = opt(32, "width of the dynamics MLP's hidden layers", minimum=1)
+    layers: int = opt(2, "hidden layers of the dynamics MLP", minimum=1)
     activation: str = opt("relu", "activation of the dynamics MLP (relu as in Dupont et al.; tanh, softplus, elu, silu)")
-    resnet_steps: int = opt(4, "Euler steps (weight-tied residual blocks) of the ResNet")
+    resnet_steps: int = opt(4, "Euler steps (weight-tied residual blocks) of the ResNet", minimum=1)
     rtol: float = opt(1e-3, "relative tolerance of dopri5 (NODE, ANODE)")
     atol: float = opt(1e-3, "absolute tolerance of dopri5 (NODE, ANODE)")
     gradient: str = opt("direct", "gradient method of the ODE blocks: direct, adjoint or checkpoint")
-    kinetic: float = opt(0.0, "RNODE kinetic-energy weight for NODE/ANODE (0: off)")
-    jacobian: float = opt(0.0, "RNODE Jacobian-norm weight for NODE/ANODE (0: off)")
-    loss: str = opt("mse", "loss: mse (of the output against targets -1/+1, as Dupont et al.) or bce (logistic)")
-    iterations: int = opt(2000, "training iterations per model and seed")
-    batch_size: int = opt(128, "training batch size")
-    lr: float = opt(1e-3, "Adam learning rate")
-    seeds: int = opt(3, "number of seeds (0, 1, ...); each draws new data and initialisation")
-    plot_points: int = opt(120, "test points drawn in the trajectory figure")
-    threads: int = opt(1, "torch CPU threads (the networks are tiny: one is fastest)")
-    dpi: int = opt(90, "resolution of the PNG figures")
-    out: str = opt(os.path.join("results", "augmented"), "output directory")
-    gallery: str = opt("", "also write small copies of the figures here (docs: docs/img/gallery)")
+    kinetic: float = opt(0.0, "RNODE kinetic-energy weight for NODE/ANODE (0: off)", minimum=0)
+    jacobian: float = opt(0.0, "RNODE Jacobian-norm weight for NODE/ANODE (0: off)", minimum=0)
+    loss: str = opt("mse", "loss: mse (of the output against targets -1/+1, as Dupont et al.) or bce (logistic)",
+                    choices=["mse", "bce"])
+    iterations: int = opt(2000, "training iterations per model and seed", minimum=1)
+    batch_size: int = opt(128, "training batch size", minimum=1)
+    lr: float = opt(1e-3, "Adam learning rate", positive=True)
+    seeds: int = opt(3, "number of seeds (0, 1, ...); each draws new data and initialisation", minimum=1)
+    plot_points: int = opt(120, "test points drawn in the trajectory figure", key=False, minimum=1)
+    threads: int = opt(1, "torch CPU threads (the networks are tiny: one is fastest)", key=False, minimum=1)
+    dpi: int = opt(90, "resolution of the PNG figures", key=False, minimum=1)
+    out: str = opt(os.path.join("results", "augmented"), "output directory", key=False)
+    gallery: str = opt("", "also write small copies of the figures here (docs: docs/img/gallery)", key=False)
+    fresh: bool = opt(False, "start over instead of reusing the models finished in OUT/results.jsonl", key=False)
 
 
 QUICK = dict(iterations=60, seeds=1, n_train=256, n_test=128, plot_points=60)
@@ -82,25 +87,18 @@ MODELS = ("NODE", "ANODE", "ResNet")
 
 
 def parse_args(argv=None) -> AugmentedConfig:
-    return parse_config(AugmentedConfig, argv, description=__doc__.split("\n\n")[0], quick=QUICK, check=check)
+    parser = build_parser(AugmentedConfig, prog=PROG, description=__doc__.split("\n\n")[0], quick=QUICK)
+    return parse_config(AugmentedConfig, argv, parser=parser, quick=QUICK, check=check)
 
 
 def check(config: AugmentedConfig) -> None:
-    for name in ("dim", "n_train", "n_test", "augment", "hidden", "layers", "resnet_steps", "iterations",
-                 "batch_size", "seeds", "plot_points", "threads", "dpi"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}.")
     if not 0 < config.inner_radius < config.outer_min < config.outer_max:
         raise ValueError(
             "Need 0 < inner_radius < outer_min < outer_max, got "
             f"{config.inner_radius}, {config.outer_min}, {config.outer_max}."
         )
-    if config.loss not in ("mse", "bce"):
-        raise ValueError(f"--loss must be 'mse' or 'bce', got {config.loss!r}.")
-    if config.kinetic < 0 or config.jacobian < 0:
-        raise ValueError(f"--kinetic and --jacobian must be >= 0, got {config.kinetic}, {config.jacobian}.")
     # the library names a bad --gradient, --rtol/--atol or --activation
-    make_options("dopri5", rtol=config.rtol, atol=config.atol, gradient=config.gradient)
+    check_solver_settings("dopri5", rtol=config.rtol, atol=config.atol, gradient=config.gradient)
     odenet.MLPDynamics(dim=config.dim, hidden=config.hidden, layers=config.layers, activation=config.activation)
 
 
@@ -276,10 +274,19 @@ def summary_figure(rows: List[dict], config: AugmentedConfig) -> Figure:
     return fig
 
 
-def main(argv=None) -> dict:
-    config = parse_args(argv)
+def main(argv=None) -> int:
+    try:
+        config = parse_args(argv)
+    except UsageError as err:
+        return usage_error(PROG, err)
+    run(config, argv)
+    return 0
+
+
+def run(config: AugmentedConfig, argv=None) -> dict:
     torch.set_num_threads(config.threads)
-    os.makedirs(config.out, exist_ok=True)
+    log = ResultLog(config.out, fresh=config.fresh)  # one line per model and seed; a rerun reuses them
+    settings = key_fields(config)
     rows, histories, first_models = [], {k: [] for k in MODELS}, {}
     plot_data = None
     start = time.perf_counter()
@@ -289,15 +296,28 @@ def main(argv=None) -> dict:
         x_test, y_test = make_spheres(config.n_test, config, gen)
         data = (x_train, y_train, x_test, y_test)
         for kind in MODELS:
-            model, metrics, history = train_one(kind, seed, config, data)
+            key = digest(dict(settings, model=kind, seed=seed))
+            weights = os.path.join(config.out, f"model-{kind}-seed0.pt") if seed == 0 else None  # for the figure
+            saved = load_checkpoint(weights, key) if weights else None
+            if key in log.done and (weights is None or saved is not None):
+                row, note = log.done[key], " (from results.jsonl)"
+                if saved is not None:
+                    first_models[kind] = model = Classifier(kind, config)
+                    model.load_state_dict(saved["state"])
+                    model.eval()
+            else:
+                model, metrics, history = train_one(kind, seed, config, data)
+                row, note = log.add(key, dict(metrics=metrics, history=history)), ""
+                if weights:
+                    save_checkpoint(weights, dict(key=key, state=model.state_dict()))
+                    first_models[kind] = model
+            metrics = row["metrics"]
             rows.append(metrics)
-            histories[kind].append(history)
+            histories[kind].append(row["history"])
             print(f"seed {seed} {kind:6s} test accuracy {metrics['test_accuracy']:.3f}  train loss "
                   f"{metrics['train_loss']:.4f}  test NFE {metrics['test_nfe_forward']:4d}  "
-                  f"train NFE (last 10%) {metrics['train_nfe_forward_last10pct']:.0f}  ({metrics['train_seconds']:.0f}s)",
-                  flush=True)
-            if seed == 0:
-                first_models[kind] = model
+                  f"train NFE (last 10%) {metrics['train_nfe_forward_last10pct']:.0f}  ({metrics['train_seconds']:.0f}s)"
+                  + note, flush=True)
         if seed == 0:
             k = min(config.plot_points, len(x_test))
             plot_data = (x_test[:k], y_test[:k].long())
@@ -308,7 +328,8 @@ def main(argv=None) -> dict:
     save(summary_figure(rows, config), "summary.png", config)
     result = {
         "experiment": "augmented",
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv))),
+        "command": command_line(PROG, argv),
+        "environment": environment(),
         "config": dataclasses.asdict(config),
         "summary": summary,
         "runs": rows,
@@ -316,8 +337,7 @@ def main(argv=None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "histories": histories,
     }
-    with open(os.path.join(config.out, "results.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
+    write_json(os.path.join(config.out, "results.json"), result)
     print(f"\nmean ± std over {config.seeds} seed(s) ({config.dim}-D spheres, {config.iterations} iterations):")
     print(f"{'model':8s} {'test accuracy':>16s} {'train loss':>18s} {'test NFE':>14s} {'params':>7s}")
     for kind, s in summary.items():
@@ -328,4 +348,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,63 +13,75 @@ time, plus a cross-evaluation of every trained `f` under other solvers.
 
 Results go to `--out` (default `results/compare_solvers/<dataset>/`): `results.jsonl` (one
 line per finished run and seed, appended as it finishes; a rerun skips what is there),
-`results.csv`, `results.md` and plots. See `--help` for every flag.
+`results.csv`, `results.md` and plots. See `--help` for every flag. The data sets, the model
+presets and the training loops are in `experiments/kit/`, with the skeleton every experiment
+script shares (settings -> command line, environment record, results files, resume).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime as _dt
-import hashlib
-import json
 import math
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from kit.data import load_dataset
+from kit.models import PRESETS, ResidualSpec, build_model, check_solver_settings, count_parameters
+from kit.skeleton import (Bars, UsageError, append_jsonl, build_parser as _build_parser, command_line, digest, environment,
+                          key_fields, opt, parse_config, read_jsonl, save_figure, usage_error)
+from kit.training import (activation_bytes, activation_sweep, cleanup_distributed, cross_evaluate,
+                          default_cross_eval_configs, evaluate, inference_time, setup_distributed, train,
+                          training_step_peak_cuda)
+
 PROG = "compare_solvers.py"
-
-
-class UsageError(Exception):
-    """A problem with the command line or the data: reported as one line, exit code 2."""
-
 
 # ---------------------------------------------------------------------------- settings
 
 
 @dataclass
 class Settings:
-    """Everything a comparison depends on. Fields marked (key) enter the resume key: a
-    finished run is reused only when they all match."""
+    """Everything a comparison depends on. The fields not declared `key=False`, with the run's
+    spec and the seed, make the resume key: a finished run is reused only when they all match."""
 
-    dataset: str = "mnist1d"  # (key) data set: mnist1d | digits | spheres | mnist
-    data_dir: Optional[str] = None  # folder with the four MNIST IDX files (dataset mnist only)
-    spheres_dim: int = 2  # (key) dimension of the concentric-spheres points (dataset spheres only)
-    runs: Tuple[str, ...] = ()  # names of the runs, in order (presets and --run definitions)
-    specs: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # (key) run name -> ResidualSpec fields
-    seeds: Tuple[int, ...] = (0, 1, 2)  # (key) one training per run and seed; accuracy is mean ± std over them
-    epochs: int = 15  # (key) training epochs per run
-    batch_size: int = 100  # (key) global batch size (split across processes under torchrun)
-    lr: float = 1e-2  # (key) peak learning rate of AdamW's one-cycle schedule
-    weight_decay: float = 1e-4  # (key) AdamW weight decay
-    width: Optional[int] = None  # (key) channels/features of the residual state (None: the model's default, 32)
-    limit_train: Optional[int] = None  # (key) use only the first N training examples (smoke tests)
-    limit_test: Optional[int] = None  # (key) use only the first N test examples (smoke tests)
-    cross_eval: bool = True  # (key) re-evaluate each trained f under the solvers below
-    euler_steps: Tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # (key) cross-evaluation: Euler step counts
-    rk4_steps: Tuple[int, ...] = (1, 2, 4, 8)  # (key) cross-evaluation: RK4 step counts
-    dopri5_tols: Tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)  # (key) cross-evaluation: dopri5 rtol = atol
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int = 1  # torch CPU threads per process (1 is fastest for these small models on a shared CPU)
-    out: Optional[str] = None  # output folder (None: results/compare_solvers/<dataset>/)
-    fresh: bool = False  # delete earlier results in --out and start over
-    quick: bool = False  # small-scale settings (fewer epochs, one seed) for a check in under 2 minutes
+    dataset: str = opt("mnist1d", "data set; all offline: mnist reads IDX files from --data-dir",
+                       choices=["mnist1d", "digits", "spheres", "mnist"])
+    data_dir: Optional[str] = opt(None, "folder holding train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                                  "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (raw or .gz); --dataset mnist only",
+                                  key=False, metavar="DIR", default_text="none")
+    spheres_dim: int = opt(2, "dimension of the concentric-spheres points (--dataset spheres only)", minimum=1, metavar="D")
+    runs: Tuple[str, ...] = opt((), "comma-separated runs to train, in order: presets below or names defined with --run",
+                                key=False, metavar="NAMES",
+                                default_text="every preset, or only the --run runs when --run is given; 'all' = every preset")
+    run: Tuple[str, ...] = opt((), "define a run or change a preset, e.g. ode-net:tol=1e-4 or "
+                               "my-net:solver=tsit5,gradient=adjoint (repeatable; keys below)",
+                               key=False, action="append", metavar="NAME[:KEY=VALUE,...]", default_text="none")
+    specs: Dict[str, Dict[str, Any]] = opt({}, "run name -> ResidualSpec fields (from --runs and --run)", key=False, cli=False)
+    seeds: Tuple[int, ...] = opt((0, 1, 2), "comma-separated seeds, one training per run and seed; accuracy is mean ± std "
+                                 "over them", key=False, metavar="S,S,...")
+    epochs: int = opt(15, "training epochs per run", minimum=1)
+    batch_size: int = opt(100, "global batch size (split across processes under torchrun)", minimum=1)
+    lr: float = opt(1e-2, "peak learning rate of AdamW's one-cycle schedule", positive=True)
+    weight_decay: float = opt(1e-4, "AdamW weight decay", minimum=0)
+    width: Optional[int] = opt(None, "channels/features of the residual state", minimum=1, default_text="32")
+    limit_train: Optional[int] = opt(None, "use only the first N training examples", minimum=1, metavar="N",
+                                     default_text="all")
+    limit_test: Optional[int] = opt(None, "use only the first N test examples", minimum=1, metavar="N", default_text="all")
+    cross_eval: bool = opt(True, "re-evaluate each trained f under the solvers below (--no-cross-eval skips it)")
+    euler_steps: Tuple[int, ...] = opt((1, 2, 3, 4, 6, 8, 12, 16, 24, 32), "cross-evaluation: Euler step counts",
+                                       minimum=1, metavar="N,N,...")
+    rk4_steps: Tuple[int, ...] = opt((1, 2, 4, 8), "cross-evaluation: RK4 step counts", minimum=1, metavar="N,N,...")
+    dopri5_tols: Tuple[float, ...] = opt((1e-1, 1e-2, 1e-3, 1e-4, 1e-5), "cross-evaluation: dopri5 tolerances, rtol = atol",
+                                         metavar="TOL,...")
+    device: str = opt("auto", "auto = CUDA when available", key=False, choices=["auto", "cpu", "cuda"])
+    threads: int = opt(1, "torch CPU threads per process (1: fastest for these small models, and robust when other "
+                       "jobs share the CPU; 0 = torch's default)", key=False, minimum=0)
+    out: Optional[str] = opt(None, "output folder", key=False, metavar="DIR", default_text="results/compare_solvers/<dataset>/")
+    fresh: bool = opt(False, "delete earlier results in --out and start over (otherwise: resume)", key=False)
 
     @property
     def out_dir(self) -> str:
@@ -77,11 +89,9 @@ class Settings:
 
     def key_fields(self) -> Dict[str, Any]:
         """The settings (besides run and seed) a result depends on."""
-        keep = ("dataset", "epochs", "batch_size", "lr", "weight_decay", "width", "limit_train", "limit_test",
-                "euler_steps", "rk4_steps", "dopri5_tols", "cross_eval")
-        d = {k: getattr(self, k) for k in keep}
-        if self.dataset == "spheres":
-            d["spheres_dim"] = self.spheres_dim
+        d = key_fields(self)
+        if self.dataset != "spheres":
+            del d["spheres_dim"]
         return d
 
 
@@ -141,10 +151,11 @@ def parse_run(text: str, presets: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
             raise UsageError(f"--run {text!r}: {key}={value!r} is not a number") from None
     if "solver" in given and given["solver"] != base.get("solver"):
         # Switching between fixed-step and adaptive drops the settings the other kind rejects.
-        from odenet.solvers import SOLVERS
-
-        if given["solver"] in SOLVERS:
-            adaptive = SOLVERS[given["solver"]]().adaptive
+        try:
+            adaptive = check_solver_settings(given["solver"])
+        except (ValueError, TypeError):  # an unknown name: ResidualSpec names it below
+            adaptive = None
+        if adaptive is not None:
             drop = ("steps",) if adaptive else ("rtol", "atol", "max_steps", "adjoint_rtol", "adjoint_atol")
             for k in drop:
                 if k not in given:
@@ -155,41 +166,11 @@ def parse_run(text: str, presets: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
     return name, base
 
 
-def _int_list(flag: str, text: str, minimum: int = 0) -> Tuple[int, ...]:
-    try:
-        values = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise UsageError(f"{flag} {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
-    if not values or any(v < minimum for v in values):
-        raise UsageError(f"{flag} {text!r}: expected at least one integer, each >= {minimum}")
-    if len(set(values)) != len(values):
-        raise UsageError(f"{flag} {text!r}: values repeat")
-    return values
-
-
-def _float_list(flag: str, text: str) -> Tuple[float, ...]:
-    try:
-        values = tuple(float(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise UsageError(f"{flag} {text!r}: expected comma-separated numbers, e.g. 1e-2,1e-3") from None
-    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
-        raise UsageError(f"{flag} {text!r}: expected at least one positive number")
-    return values
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        raise UsageError(f"{message} (see --help)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from odenet.models import PRESETS
-
+def build_parser():
     preset_lines = "\n".join(f"  {name:<20} {spec.describe()}" for name, spec in PRESETS.items())
     key_lines = "\n".join(f"  {k:<13} {v}" for k, v in SPEC_KEYS.items())
-    p = _Parser(
-        prog=PROG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    return _build_parser(
+        Settings, prog=PROG, quick=QUICK,
         description="Train and evaluate discrete and continuous-depth versions of one model and write the\n"
         "Chen et al. 2018 Table 1 comparison (test error, parameters, memory, steps), measured.\n"
         "Finished runs are kept in OUT/results.jsonl; a rerun resumes (--fresh starts over).",
@@ -200,100 +181,27 @@ def build_parser() -> argparse.ArgumentParser:
         "  python experiments/compare_solvers.py --run ode-net:tol=1e-5 --run rk8:solver=rk4,steps=8\n"
         "  torchrun --nproc_per_node=2 experiments/compare_solvers.py --quick --device cpu",
     )
-    d = Settings()
-    p.add_argument("--dataset", default=d.dataset, choices=["mnist1d", "digits", "spheres", "mnist"],
-                   help="data set (default %(default)s); all offline: mnist reads IDX files from --data-dir")
-    p.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="folder holding train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-                   "t10k-labels-idx1-ubyte (raw or .gz); --dataset mnist only")
-    p.add_argument("--spheres-dim", type=int, default=d.spheres_dim, metavar="D",
-                   help="dimension of the concentric-spheres points (default %(default)s)")
-    p.add_argument("--runs", default=None, metavar="NAMES",
-                   help="comma-separated runs to train, in order: presets below or names defined with --run "
-                   "(default: every preset, or only the --run runs when --run is given; 'all' = every preset)")
-    p.add_argument("--run", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
-                   help="define a run or change a preset, e.g. ode-net:tol=1e-4 or my-net:solver=tsit5,gradient=adjoint "
-                   "(repeatable; keys below)")
-    p.add_argument("--seeds", default=None, metavar="S,S,...",
-                   help=f"comma-separated seeds, one training per run and seed (default {','.join(map(str, d.seeds))}; --quick: 0)")
-    p.add_argument("--epochs", type=int, default=None, help=f"training epochs per run (default {d.epochs}; --quick: {QUICK['epochs']})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size (default %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate, AdamW one-cycle (default %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default %(default)s)")
-    p.add_argument("--width", type=int, default=None, help="channels/features of the residual state (default 32)")
-    p.add_argument("--limit-train", type=int, default=None, metavar="N", help="use only the first N training examples")
-    p.add_argument("--limit-test", type=int, default=None, metavar="N", help="use only the first N test examples")
-    p.add_argument("--no-cross-eval", action="store_true", help="skip re-evaluating each trained f under other solvers")
-    p.add_argument("--euler-steps", default=None, metavar="N,N,...",
-                   help="cross-evaluation: Euler step counts (default " + ",".join(map(str, d.euler_steps)) + ")")
-    p.add_argument("--rk4-steps", default=None, metavar="N,N,...",
-                   help="cross-evaluation: RK4 step counts (default " + ",".join(map(str, d.rk4_steps)) + ")")
-    p.add_argument("--dopri5-tols", default=None, metavar="TOL,...",
-                   help="cross-evaluation: dopri5 tolerances, rtol = atol (default " + ",".join(f"{t:g}" for t in d.dopri5_tols) + ")")
-    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"],
-                   help="auto = CUDA when available (default %(default)s)")
-    p.add_argument("--threads", type=int, default=d.threads,
-                   help="torch CPU threads per process (default %(default)s: fastest for these small models, and "
-                   "robust when other jobs share the CPU; 0 = torch's default)")
-    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default results/compare_solvers/<dataset>/)")
-    p.add_argument("--fresh", action="store_true", help="delete earlier results in --out and start over (default: resume)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"small scale: {QUICK['epochs']} epochs, seed 0, fewer cross-evaluation settings (explicit flags win)")
-    return p
 
 
-def parse_settings(argv: Sequence[str]) -> Settings:
-    """Command line -> validated `Settings`. Raises `UsageError` with a one-line message."""
-    from odenet.models import PRESETS, ResidualSpec
-
-    a = build_parser().parse_args(list(argv))
-    s = Settings(dataset=a.dataset, data_dir=a.data_dir, spheres_dim=a.spheres_dim, batch_size=a.batch_size, lr=a.lr,
-                 weight_decay=a.weight_decay, width=a.width, limit_train=a.limit_train, limit_test=a.limit_test,
-                 cross_eval=not a.no_cross_eval, device=a.device, threads=a.threads, out=a.out, fresh=a.fresh,
-                 quick=a.quick)
-    if a.quick:
-        for k, v in QUICK.items():
-            setattr(s, k, v)
-    if a.epochs is not None:
-        s.epochs = a.epochs
-    if a.seeds is not None:
-        s.seeds = _int_list("--seeds", a.seeds)
-    if a.euler_steps is not None:
-        s.euler_steps = _int_list("--euler-steps", a.euler_steps, 1)
-    if a.rk4_steps is not None:
-        s.rk4_steps = _int_list("--rk4-steps", a.rk4_steps, 1)
-    if a.dopri5_tols is not None:
-        s.dopri5_tols = _float_list("--dopri5-tols", a.dopri5_tols)
-    for flag, value, minimum in (("--epochs", s.epochs, 1), ("--batch-size", s.batch_size, 1), ("--threads", s.threads, 0),
-                                 ("--spheres-dim", s.spheres_dim, 1), ("--width", s.width, 1),
-                                 ("--limit-train", s.limit_train, 1), ("--limit-test", s.limit_test, 1)):
-        if value is not None and value < minimum:
-            raise UsageError(f"{flag} must be >= {minimum}, got {value}")
-    for flag, value in (("--lr", s.lr), ("--weight-decay", s.weight_decay)):
-        if not (math.isfinite(value) and value >= 0) or (flag == "--lr" and value == 0):
-            raise UsageError(f"{flag} must be a {'positive' if flag == '--lr' else 'non-negative'} number, got {value}")
+def check(s: Settings) -> None:
+    """Check the data flags and resolve `runs` and `--run` into `s.runs` and `s.specs`."""
     if s.data_dir is not None and s.dataset != "mnist":
         raise UsageError(f"--data-dir is read by --dataset mnist only; {s.dataset} is built in (leave --data-dir out)")
     if s.dataset == "mnist" and s.data_dir is None:
         raise UsageError("--dataset mnist reads the four MNIST IDX files from --data-dir DIR; give --data-dir")
-
     defined: Dict[str, Dict[str, Any]] = {}
-    for text in a.run:
+    for text in s.run:
         name, spec = parse_run(text, PRESETS)
         if name in defined:
             raise UsageError(f"--run {name} is given twice")
         defined[name] = spec
-    if a.runs is None:
+    if not s.runs:
         names = list(defined) if defined else list(PRESETS)
     else:
         names = []
-        for n in (x.strip() for x in a.runs.split(",")):
-            if not n:
-                continue
+        for n in s.runs:
             names.extend(PRESETS if n == "all" else [n])
         names.extend(n for n in defined if n not in names)
-    if not names:
-        raise UsageError("--runs names no run")
     if len(set(names)) != len(names):
         raise UsageError(f"--runs repeats a name: {','.join(names)}")
     specs = {}
@@ -309,94 +217,19 @@ def parse_settings(argv: Sequence[str]) -> Settings:
         except (ValueError, TypeError) as err:
             raise UsageError(f"run {n}: {err}") from None
     s.runs, s.specs = tuple(names), specs
-    return s
 
 
-# ---------------------------------------------------------------------------- results file
-
-
-def result_key(settings: Settings, run: str, seed: int) -> str:
-    """A digest of everything a (run, seed) result depends on."""
-    payload = dict(settings.key_fields(), run=run, spec=settings.specs[run], seed=seed)
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def read_results(path: str) -> List[Dict[str, Any]]:
-    """The JSON lines of `path` (none if it does not exist); an unreadable line (e.g. cut by
-    an interruption mid-write) is skipped with a note."""
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path) as fh:
-        for i, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                print(f"note: skipping unreadable line {i} of {path}", file=sys.stderr)
-    return rows
-
-
-def append_result(path: str, row: Dict[str, Any]) -> None:
-    """Append one JSON line and flush it to disk, so an interruption loses at most the run in progress."""
-    # A line cut by an interruption has no newline: start on a fresh line so this one stays readable.
-    cut = False
-    if os.path.exists(path) and os.path.getsize(path) > 0:
-        with open(path, "rb") as fh:
-            fh.seek(-1, os.SEEK_END)
-            cut = fh.read(1) != b"\n"
-    with open(path, "a") as fh:
-        fh.write(("\n" if cut else "") + json.dumps(row, default=_json_default) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _json_default(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if hasattr(obj, "item"):
-        return obj.item()
-    if isinstance(obj, tuple):
-        return list(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+def parse_settings(argv: Sequence[str]) -> Settings:
+    """Command line -> validated `Settings`. Raises `UsageError` with a one-line message."""
+    return parse_config(Settings, list(argv), parser=build_parser(), quick=QUICK, check=check)
 
 
 # ---------------------------------------------------------------------------- one run
 
 
-def environment(info, settings: Settings) -> Dict[str, Any]:
-    """Versions and hardware, for the table's header."""
-    import importlib.metadata as md
-
-    import numpy
-    import torch
-
-    import odenet
-
-    def version(pkg):
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return None
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    env = dict(
-        python=platform.python_version(), torch=torch.__version__, odenet=odenet.__version__, numpy=numpy.__version__,
-        mnist1d=version("mnist1d"), scikit_learn=version("scikit-learn"), platform=platform.platform(),
-        cpu=cpu, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), device=str(info.device),
-        world_size=info.world_size, gpu=torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else None,
-    )
-    return env
+def result_key(settings: Settings, run: str, seed: int) -> str:
+    """A digest of everything a (run, seed) result depends on."""
+    return digest(dict(settings.key_fields(), run=run, spec=settings.specs[run], seed=seed))
 
 
 def run_one(settings: Settings, data, name: str, seed: int, info, env: Dict[str, Any], bars) -> Optional[Dict[str, Any]]:
@@ -404,16 +237,12 @@ def run_one(settings: Settings, data, name: str, seed: int, info, env: Dict[str,
     import torch
     import torch.distributed as dist
 
-    from odenet.models import ResidualSpec, build_model, count_parameters
-    from odenet.training import (activation_bytes, activation_sweep, cross_evaluate, default_cross_eval_configs,
-                                 evaluate, inference_time, train, training_step_peak_cuda)
-
     spec = ResidualSpec(**settings.specs[name])
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
     model = build_model(data.input_shape, data.num_classes, spec, width=settings.width).to(info.device)
-    epoch_bar = bars.epochs(f"{name} seed {seed}", settings.epochs)
+    epoch_bar = bars.make(total=settings.epochs, desc=f"{name} seed {seed}", unit="epoch", position=1, leave=False)
 
     def on_epoch(rec):
         epoch_bar.update(1)
@@ -465,42 +294,6 @@ def memory_settings(spec, settings: Settings) -> List[Dict[str, Any]]:
     if spec.adaptive:
         return [dict(solver=spec.solver, gradient=spec.gradient, rtol=t, atol=t, max_steps=1000) for t in settings.dopri5_tols]
     return [dict(solver=spec.solver, gradient=spec.gradient, steps=n) for n in (1, 2, 4, 8, 16)]
-
-
-# ---------------------------------------------------------------------------- progress bars
-
-
-class Bars:
-    """tqdm bars on rank 0 (silent when stderr is not a terminal); no-ops elsewhere."""
-
-    class _Null:
-        def update(self, n=1):
-            pass
-
-        def set_postfix(self, *a, **k):
-            pass
-
-        def close(self):
-            pass
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:  # tqdm is optional: no bars without it
-            tqdm = None
-        self._tqdm = tqdm
-
-    def _make(self, **kw):
-        if not self.enabled or self._tqdm is None:
-            return Bars._Null()
-        return self._tqdm(disable=None, dynamic_ncols=True, **kw)  # disable=None: quiet when not a TTY
-
-    def runs(self, total: int):
-        return self._make(total=total, desc="runs", unit="run", position=0)
-
-    def epochs(self, desc: str, total: int):
-        return self._make(total=total, desc=desc, unit="epoch", position=1, leave=False)
 
 
 # ---------------------------------------------------------------------------- tables and plots
@@ -605,11 +398,6 @@ def targets(settings: Settings, summary: List[Dict[str, Any]], rows: List[Dict[s
     return lines
 
 
-def command_line(argv: Sequence[str], info) -> str:
-    prefix = f"torchrun --nproc_per_node={info.world_size} " if info.world_size > 1 else "python "
-    return prefix + "experiments/compare_solvers.py" + ("" if not argv else " " + shlex.join(argv))
-
-
 def write_markdown(path: str, settings: Settings, summary, rows, env, command: str, wall: Optional[float]) -> None:
     L = []
     L.append(f"# compare_solvers: {settings.dataset}\n")
@@ -619,6 +407,8 @@ def write_markdown(path: str, settings: Settings, summary, rows, env, command: s
     if env.get("gpu"):
         hw += f"; GPU {env['gpu']}"
     L.append(f"- Device: {env['device']} ({hw}); processes: {env['world_size']}")
+    if env.get("commit"):
+        L.append(f"- Commit: `{env['commit']}`")
     L.append(f"- Versions: python {env['python']}, torch {env['torch']}, odenet {env['odenet']}, numpy {env['numpy']}"
              + (f", mnist1d {env['mnist1d']}" if settings.dataset == "mnist1d" and env.get("mnist1d") else "")
              + (f", scikit-learn {env['scikit_learn']}" if settings.dataset == "digits" and env.get("scikit_learn") else ""))
@@ -673,108 +463,92 @@ def write_markdown(path: str, settings: Settings, summary, rows, env, command: s
 
 
 def write_plots(out: str, settings: Settings, summary, rows) -> List[str]:
-    import matplotlib
+    """The four figures, drawn through `odenet.plotting` where it has the plot."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from odenet import plotting
 
     written = []
-    colors = {s["run"]: f"C{i % 10}" for i, s in enumerate(summary)}
+
+    def save(fig, name):
+        save_figure(fig, name, out=out, dpi=120)
+        written.append(name)
+
+    colors = {s["run"]: f"C{i % 10}" for i, s in enumerate(summary)}  # odenet.plotting's palette is tab10 too
     labels, table = cross_eval_table(settings, rows)
 
     # accuracy vs NFE (Pareto): trained settings large, cross-evaluations small
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    points = [dict(label=s["run"], nfe=_mean_std([r["test_nfe_forward"] for r in rows if r["run"] == s["run"]])[0],
+                   accuracy=100 * s["accuracy_mean"], accuracy_std=100 * s["accuracy_std"]) for s in summary]
+    plotting.plot_pareto(points, x="nfe", y="accuracy", logx=True, connect=False, ax=ax)
     for s in summary:
-        c = colors[s["run"]]
-        test_nfe = _mean_std([r["test_nfe_forward"] for r in rows if r["run"] == s["run"]])[0]
-        ax.errorbar([test_nfe], [100 * s["accuracy_mean"]], yerr=[100 * s["accuracy_std"]], fmt="o", ms=8, color=c, label=s["run"])
         if s["run"] in table:
             pts = [(n, 100 * a) for a, n in table[s["run"]].values() if math.isfinite(a)]
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=10, color=c, alpha=0.4)
-    ax.set_xscale("log")
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=10, color=colors[s["run"]], alpha=0.4)
     ax.set_xlabel("function evaluations per forward pass")
     ax.set_ylabel("test accuracy %")
-    ax.set_title(f"{settings.dataset}: accuracy vs NFE (large: as trained; small: cross-evaluated)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "pareto.png"), dpi=120)
-    plt.close(fig)
-    written.append("pareto.png")
+    ax.set_title(f"{settings.dataset}: accuracy vs NFE (large: as trained; small: cross-evaluated)", fontsize=10)
+    save(fig, "pareto.png")
 
     # activation memory per method, and against NFE
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    a1, a2 = fig.subplots(1, 2)
     a1.bar(range(len(summary)), [s["activation_mib"] for s in summary], color=[colors[s["run"]] for s in summary])
     a1.set_xticks(range(len(summary)))
     a1.set_xticklabels([s["run"] for s in summary], rotation=30, ha="right", fontsize=8)
     a1.set_ylabel("activation memory per training step (MiB)")
     a1.set_title("saved for backward, as trained")
     seed0 = min(settings.seeds)
-    for s in summary:
-        pts = sorted((m["nfe_forward"], m["bytes"] / 2**20) for r in rows if r["run"] == s["run"] and r["seed"] == seed0
-                     for m in r.get("memory_sweep") or [] if m.get("ok"))
-        if pts:
-            a2.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[s["run"]], label=s["run"])
-    a2.set_xscale("log")
-    a2.set_yscale("log")
+    sweep = [dict(label=s["run"], nfe=m["nfe_forward"], mib=m["bytes"] / 2**20) for s in summary for r in rows
+             if r["run"] == s["run"] and r["seed"] == seed0 for m in r.get("memory_sweep") or [] if m.get("ok")]
+    if sweep:
+        plotting.plot_pareto(sweep, x="nfe", y="mib", y_higher_is_better=False, logx=True, logy=True, front=False, ax=a2)
     a2.set_xlabel("function evaluations per forward pass")
     a2.set_ylabel("MiB saved for backward")
     a2.set_title("against NFE (own gradient method; other tolerances or steps)", fontsize=10)
-    a2.legend(fontsize=8)
-    a2.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "memory.png"), dpi=120)
-    plt.close(fig)
-    written.append("memory.png")
+    save(fig, "memory.png")
 
     # NFE over training (mean over seeds)
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.add_subplot()
     for s in summary:
         hist = [r["history"] for r in rows if r["run"] == s["run"]]
         n = min(len(h) for h in hist)
-        ep = list(range(1, n + 1))
-        fwd = [statistics.fmean(h[i]["nfe_forward"] for h in hist) for i in range(n)]
-        bwd = [statistics.fmean(h[i]["nfe_backward"] for h in hist) for i in range(n)]
-        ax.plot(ep, fwd, "-", color=colors[s["run"]], label=f"{s['run']} fwd")
-        if any(bwd):
-            ax.plot(ep, bwd, "--", color=colors[s["run"]], label=f"{s['run']} bwd")
-    ax.set_xlabel("epoch")
+        series = [dict(epoch=i + 1, nfe_forward=statistics.fmean(h[i]["nfe_forward"] for h in hist),
+                       nfe_backward=statistics.fmean(h[i]["nfe_backward"] for h in hist)) for i in range(n)]
+        plotting.plot_nfe_over_training(series, x="epoch", label=s["run"], color=colors[s["run"]], ax=ax)
     ax.set_ylabel("NFE per batch (mean over the epoch)")
-    ax.set_title("function evaluations over training")
+    ax.set_title("function evaluations over training", fontsize=10)
     ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "nfe_training.png"), dpi=120)
-    plt.close(fig)
-    written.append("nfe_training.png")
+    save(fig, "nfe_training.png")
 
     # cross-evaluation curves
     if table:
         names = list(table)
         cols = min(3, len(names))
         nrows = math.ceil(len(names) / cols)
-        fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False, sharey=True)
-        for ax, name in zip(axes.flat, names):
-            for solver, style in (("euler", "o-"), ("rk4", "s-"), ("dopri5", "^-")):
-                pts = sorted((n, 100 * a) for lab, (a, n) in table[name].items() if lab.startswith(solver + " ") and math.isfinite(a))
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, ms=3, label=solver)
+        fig = Figure(figsize=(4.2 * cols, 3.4 * nrows), layout="constrained")
+        axes = fig.subplots(nrows, cols, squeeze=False, sharey=True)
+        for k, (ax, name) in enumerate(zip(axes.flat, names)):
+            pts = [dict(label=lab.split(" ")[0], nfe=n, accuracy=100 * a) for lab, (a, n) in table[name].items()
+                   if math.isfinite(a)]
+            if pts:
+                plotting.plot_pareto(pts, x="nfe", y="accuracy", logx=True, front=False, ax=ax)
             s = next(x for x in summary if x["run"] == name)
             ax.axhline(100 * s["accuracy_mean"], color="gray", lw=0.8, ls=":", label="as trained")
-            ax.set_xscale("log")
             ax.set_title(f"{name} ({s['residual']})", fontsize=8)
             ax.set_xlabel("NFE per forward")
-            ax.grid(alpha=0.3)
-        for ax in axes[:, 0]:
-            ax.set_ylabel("test accuracy %")
+            ax.set_ylabel("test accuracy %" if k % cols == 0 else "")
+            if k == 0:
+                ax.legend(fontsize=7)
+            elif ax.get_legend() is not None:
+                ax.get_legend().remove()
         for ax in list(axes.flat)[len(names):]:
             ax.axis("off")
-        axes.flat[0].legend(fontsize=7)
         fig.suptitle(f"{settings.dataset}: trained f re-evaluated under other solvers")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "cross_eval.png"), dpi=120)
-        plt.close(fig)
-        written.append("cross_eval.png")
+        save(fig, "cross_eval.png")
     return written
 
 
@@ -784,7 +558,8 @@ def write_outputs(settings: Settings, rows, env, argv, info, wall) -> None:
     if not summary:
         return
     write_csv(os.path.join(out, "results.csv"), summary)
-    write_markdown(os.path.join(out, "results.md"), settings, summary, rows, env, command_line(argv, info), wall)
+    write_markdown(os.path.join(out, "results.md"), settings, summary, rows, env,
+                   command_line(PROG, argv, info.world_size), wall)
     write_plots(out, settings, summary, rows)
 
 
@@ -800,9 +575,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         settings = parse_settings(argv)
         import torch
 
-        from odenet.data import load_dataset
-        from odenet.training import setup_distributed
-
         if settings.threads > 0:
             torch.set_num_threads(settings.threads)
         info = setup_distributed(settings.device)
@@ -812,13 +584,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ImportError as err:  # an optional data package is missing: say which
             raise UsageError(str(err)) from None
     except (UsageError, ValueError, TypeError, FileNotFoundError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+        return usage_error(PROG, err)
     try:
         return _run(settings, data, info, argv, t_wall)
     finally:
-        from odenet.training import cleanup_distributed
-
         cleanup_distributed()
 
 
@@ -838,7 +607,7 @@ def _run(settings: Settings, data, info, argv, t_wall) -> int:
             for name in ("results.jsonl", "results.csv", "results.md", "pareto.png", "memory.png", "nfe_training.png", "cross_eval.png"):
                 if os.path.exists(os.path.join(out, name)):
                     os.remove(os.path.join(out, name))
-        earlier = read_results(path)
+        earlier = read_jsonl(path)
     # rank 0 decides what is done; everyone follows
     wanted = [(run, seed) for run in settings.runs for seed in settings.seeds]
     keys = {result_key(settings, r, s): (r, s) for r, s in wanted}
@@ -851,7 +620,7 @@ def _run(settings: Settings, data, info, argv, t_wall) -> int:
         done_keys = box[0]
     done = set(done_keys)
     todo = [(r, s) for r, s in wanted if result_key(settings, r, s) not in done]
-    env = environment(info, settings)
+    env = environment(info.device, info.world_size)
     if info.is_main:
         other = sum(1 for row in earlier if row.get("key") not in keys)
         print(f"{PROG}: {data.name} ({data.num_train} train / {data.num_test} test), runs {','.join(settings.runs)}, "
@@ -860,19 +629,19 @@ def _run(settings: Settings, data, info, argv, t_wall) -> int:
               f"{len(wanted) - len(todo)} of {len(wanted)} already in {path}"
               + (f" ({other} earlier lines for other settings are kept but left out)" if other else ""), flush=True)
     bars = Bars(info.is_main)
-    run_bar = bars.runs(len(todo))
+    run_bar = bars.make(total=len(todo), desc="runs", unit="run", position=0)
     for i, (name, seed) in enumerate(todo, 1):
         row = run_one(settings, data, name, seed, info, env, bars)
         if info.is_main:
             row["data_description"] = data.description
-            append_result(path, row)
+            append_jsonl(path, row)
             run_bar.update(1)
             print(f"[{i}/{len(todo)}] {name} seed {seed}: test acc {100 * row['test_accuracy']:.2f}%, "
                   f"NFE {row['nfe_forward']:.1f}/{row['nfe_backward']:.1f}, {row['train_seconds_per_epoch']:.2f} s/epoch, "
                   f"activation {row['activation_bytes'] / 2**20:.2f} MiB", flush=True)
     run_bar.close()
     if info.is_main:
-        latest = {row["key"]: row for row in read_results(path) if row.get("key") in keys}  # last line wins
+        latest = {row["key"]: row for row in read_jsonl(path) if row.get("key") in keys}  # last line wins
         rows = [latest[k] for k in keys if k in latest]
         write_outputs(settings, rows, env, argv, info, time.perf_counter() - t_wall if todo else None)
         print(f"{PROG}: wrote {os.path.join(out, 'results.md')} ({time.perf_counter() - t_wall:.0f} s)", flush=True)

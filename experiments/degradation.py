@@ -32,19 +32,21 @@ training), averaged over seeds; the stem is the same layer in all three families
 
 Writes to `--out` (default `results/degradation/`): `degradation.png` (final training loss,
 test accuracy and initial gradient norm against depth), `training.png` (training loss per
-epoch, one panel per family) and `results.json` (settings, per-run metrics, histories).
+epoch, one panel per family) and `results.json` (command, environment, settings, per-run
+metrics, histories). Each family, depth and seed is a line of `results.jsonl` as it finishes: a
+rerun with the same settings resumes (and adding a depth or a seed trains only what is new);
+`--fresh` starts over.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -52,65 +54,49 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 import odenet
+from kit.data import mnist1d_arrays
+from kit.skeleton import (ResultLog, UsageError, build_parser, command_line, digest, environment, key_fields, opt,
+                          parse_config, save_figure, usage_error, write_json)
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import mnist1d_arrays, opt, parse_config, save_figure  # noqa: E402
-
-
-@dataclass
-class DegradationConfig:
-    depths: str = opt("2,4,8,16,32,64", "comma-separated depths (layers / residual blocks / Euler steps)")
-    families: str = opt("plain,residual,ode", "comma-separated model families: plain, residual, ode")
-    width: int = opt(64, "width W of every layer")
-    residual_step: str = opt("1/depth", "step h of the residual stack: '1/depth' or 'one' (h = 1)")
-    epochs: int = opt(30, "training epochs per model")
-    batch_size: int = opt(128, "training batch size")
-    lr: float = opt(1e-3, "Adam learning rate")
-    seeds: int = opt(2, "number of seeds (0, 1, ...) for initialisation and batch order")
-    grad_batch: int = opt(256, "training examples in the batch for the gradient norm at initialisation")
-    n_train: int = opt(0, "use only the first N training examples (0: all 4000)")
-    threads: int = opt(1, "torch CPU threads (the networks are small: one is fastest)")
-    dpi: int = opt(90, "resolution of the PNG figures")
-    out: str = opt(os.path.join("results", "degradation"), "output directory")
-    gallery: str = opt("", "also write small copies of the figures here (docs: docs/img/gallery)")
-
-
-QUICK = dict(depths="2,8", epochs=1, seeds=1, n_train=512, width=32)
+PROG = "degradation.py"
 FAMILIES = ("plain", "residual", "ode")
 COLOURS = {"plain": "#d62728", "residual": "#1f77b4", "ode": "#2ca02c"}
 
 
+@dataclass
+class DegradationConfig:
+    depths: Tuple[int, ...] = opt((2, 4, 8, 16, 32, 64), "comma-separated depths (layers / residual blocks / Euler steps)",
+                                  key=False, minimum=1, metavar="D,D,...")
+    families: Tuple[str, ...] = opt(FAMILIES, "comma-separated model families: plain, residual, ode", key=False,
+                                   metavar="F,F,...")
+    width: int = opt(64, "width W of every layer", minimum=1)
+    residual_step: str = opt("1/depth", "step h of the residual stack: '1/depth' or 'one' (h = 1)", choices=["1/depth", "one"])
+    epochs: int = opt(30, "training epochs per model", minimum=1)
+    batch_size: int = opt(128, "training batch size", minimum=1)
+    lr: float = opt(1e-3, "Adam learning rate", positive=True)
+    seeds: int = opt(2, "number of seeds (0, 1, ...) for initialisation and batch order", key=False, minimum=1)
+    grad_batch: int = opt(256, "training examples in the batch for the gradient norm at initialisation", minimum=1)
+    n_train: int = opt(0, "use only the first N training examples (0: all 4000)", minimum=0)
+    threads: int = opt(1, "torch CPU threads (the networks are small: one is fastest)", key=False, minimum=1)
+    dpi: int = opt(90, "resolution of the PNG figures", key=False, minimum=1)
+    out: str = opt(os.path.join("results", "degradation"), "output directory", key=False)
+    gallery: str = opt("", "also write small copies of the figures here (docs: docs/img/gallery)", key=False)
+    fresh: bool = opt(False, "start over instead of reusing the runs finished in OUT/results.jsonl", key=False)
+
+
+QUICK = dict(depths=(2, 8), epochs=1, seeds=1, n_train=512, width=32)
+
+
 def parse_args(argv=None) -> DegradationConfig:
-    return parse_config(DegradationConfig, argv, description=__doc__.split("\n\n")[0], quick=QUICK, check=check)
-
-
-def depth_list(config: DegradationConfig) -> List[int]:
-    return [int(d) for d in config.depths.split(",")]
-
-
-def family_list(config: DegradationConfig) -> List[str]:
-    return [f.strip() for f in config.families.split(",")]
+    parser = build_parser(DegradationConfig, prog=PROG, description=__doc__.split("\n\n")[0], quick=QUICK)
+    return parse_config(DegradationConfig, argv, parser=parser, quick=QUICK, check=check)
 
 
 def check(config: DegradationConfig) -> None:
-    for name in ("width", "epochs", "batch_size", "seeds", "grad_batch", "threads", "dpi"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}.")
-    if config.n_train < 0:
-        raise ValueError(f"--n-train must be >= 0, got {config.n_train}.")
-    if config.lr <= 0:
-        raise ValueError(f"--lr must be positive, got {config.lr}.")
-    try:
-        depths = depth_list(config)
-    except ValueError:
-        raise ValueError(f"--depths must be comma-separated integers, got {config.depths!r}.") from None
-    if not depths or min(depths) < 1:
-        raise ValueError(f"--depths must be integers >= 1, got {config.depths!r}.")
-    bad = [f for f in family_list(config) if f not in FAMILIES]
-    if bad or not family_list(config):
-        raise ValueError(f"--families must be a comma-separated subset of {','.join(FAMILIES)}, got {config.families!r}.")
-    if config.residual_step not in ("1/depth", "one"):
-        raise ValueError(f"--residual-step must be '1/depth' or 'one', got {config.residual_step!r}.")
+    bad = [f for f in config.families if f not in FAMILIES]
+    if bad or len(set(config.families)) != len(config.families):
+        raise ValueError(f"--families must be a comma-separated subset of {','.join(FAMILIES)}, "
+                         f"got {','.join(config.families)!r}.")
 
 
 class Layer(nn.Module):
@@ -217,9 +203,9 @@ def run_one(family: str, depth: int, seed: int, config: DegradationConfig, data)
 
 def summarise(rows: List[dict], config: DegradationConfig) -> Dict[str, Dict[str, dict]]:
     out: Dict[str, Dict[str, dict]] = {}
-    for fam in family_list(config):
+    for fam in config.families:
         out[fam] = {}
-        for d in depth_list(config):
+        for d in config.depths:
             mine = [r for r in rows if r["family"] == fam and r["depth"] == d]
             entry = {}
             for key in ("train_loss", "test_accuracy", "grad_norm_first_layer_init", "train_seconds"):
@@ -242,7 +228,7 @@ def degradation_figure(summary, config: DegradationConfig) -> Figure:
     panels = [("train_loss", "final training loss (cross-entropy)", True),
               ("test_accuracy", "test accuracy", False),
               ("grad_norm_first_layer_init", "||dL/dW|| of the first layer at init", True)]
-    depths = depth_list(config)
+    depths = config.depths
     labels = {"plain": "plain  x = f(x)",
               "residual": f"residual  x = x + h f(x), h = {'1/depth' if config.residual_step == '1/depth' else '1'}",
               "ode": "ODE block (Euler, steps = depth, tied)"}
@@ -267,9 +253,9 @@ def degradation_figure(summary, config: DegradationConfig) -> Figure:
 
 
 def training_figure(rows: List[dict], config: DegradationConfig) -> Figure:
-    fams = family_list(config)
+    fams = config.families
     fig = Figure(figsize=(4.6 * len(fams), 3.8), layout="constrained")
-    depths = depth_list(config)
+    depths = config.depths
     cmap = __import__("matplotlib").colormaps["viridis"]
     axes = []
     for k, fam in enumerate(fams):
@@ -294,35 +280,47 @@ def save(fig: Figure, name: str, config: DegradationConfig) -> None:
     save_figure(fig, name, out=config.out, dpi=config.dpi, gallery=config.gallery, prefix="degradation_")
 
 
-def main(argv=None) -> dict:
-    config = parse_args(argv)
+def main(argv=None) -> int:
+    try:
+        config = parse_args(argv)
+    except UsageError as err:
+        return usage_error(PROG, err)
+    run(config, argv)
+    return 0
+
+
+def run(config: DegradationConfig, argv=None) -> dict:
     torch.set_num_threads(config.threads)
-    os.makedirs(config.out, exist_ok=True)
+    log = ResultLog(config.out, fresh=config.fresh)  # one line per family, depth and seed; a rerun reuses them
+    settings = key_fields(config)
     data = mnist1d_arrays(config.n_train)
     rows = []
     start = time.perf_counter()
     for seed in range(config.seeds):
-        for fam in family_list(config):
-            for d in depth_list(config):
-                r = run_one(fam, d, seed, config, data)
+        for fam in config.families:
+            for d in config.depths:
+                key = digest(dict(settings, family=fam, depth=d, seed=seed))
+                resumed = key in log.done
+                r = log.done[key] if resumed else log.add(key, run_one(fam, d, seed, config, data))
                 rows.append(r)
                 print(f"seed {seed} {fam:8s} depth {d:3d}  grad@init {r['grad_norm_first_layer_init']:9.3g}  "
                       f"train loss {r['initial_train_loss']:.3f} -> {r['train_loss']:.4f}  "
-                      f"test acc {r['test_accuracy']:.3f}  ({r['train_seconds']:.1f}s)", flush=True)
+                      f"test acc {r['test_accuracy']:.3f}  ({r['train_seconds']:.1f}s)"
+                      + (" (from results.jsonl)" if resumed else ""), flush=True)
     summary = summarise(rows, config)
     save(degradation_figure(summary, config), "degradation.png", config)
     save(training_figure(rows, config), "training.png", config)
     result = {
         "experiment": "degradation",
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv))),
+        "command": command_line(PROG, argv),
+        "environment": environment(),
         "config": dataclasses.asdict(config),
         "summary": summary,
         "runs": rows,
         "total_seconds": time.perf_counter() - start,
         "torch_threads": torch.get_num_threads(),
     }
-    with open(os.path.join(config.out, "results.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
+    write_json(os.path.join(config.out, "results.json"), result)
     print(f"\nmean over {config.seeds} seed(s), {config.epochs} epochs, width {config.width}:")
     print(f"{'family':9s} {'depth':>5s} {'train loss':>11s} {'test acc':>9s} {'grad@init':>10s} {'params':>7s}")
     for fam, per_depth in summary.items():
@@ -334,4 +332,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,19 +25,20 @@ adjoint and with the seminorm.
 Writes to `--out` (default `results/nfe_tolerance/`): `nfe_tolerance.png` (the four panels:
 NFE against tolerance, error against NFE, backward against forward NFE, NFE over
 training), `pareto.png` (test accuracy against forward NFE over the tolerance sweep, both
-models) and `results.json` (settings, the sweep, training histories, the RNODE saving).
+models) and `results.json` (command, environment, settings, the sweep, training histories, the
+RNODE saving). Each model (trained and swept) is a line of `results.jsonl` as it finishes: a rerun
+with the same settings resumes, `--fresh` starts over.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -45,68 +46,54 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 import odenet
+from kit.data import mnist1d_arrays
+from kit.models import check_solver_settings
+from kit.skeleton import (ResultLog, UsageError, build_parser, command_line, digest, environment, key_fields, opt,
+                          parse_config, save_figure, usage_error, write_json)
 from odenet import plotting
-from odenet.odeint import make_options
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import mnist1d_arrays, opt, parse_config, save_figure  # noqa: E402
+PROG = "nfe_tolerance.py"
 
 
 @dataclass
 class NFEToleranceConfig:
-    width: int = opt(32, "state width W of the ODE block")
-    hidden: int = opt(64, "hidden width of the dynamics MLP")
-    layers: int = opt(2, "hidden layers of the dynamics MLP")
+    width: int = opt(32, "state width W of the ODE block", minimum=1)
+    hidden: int = opt(64, "hidden width of the dynamics MLP", minimum=1)
+    layers: int = opt(2, "hidden layers of the dynamics MLP", minimum=1)
     activation: str = opt("tanh", "activation of the dynamics MLP")
-    epochs: int = opt(25, "training epochs per model")
-    batch_size: int = opt(128, "training batch size")
-    lr: float = opt(3e-3, "Adam learning rate")
+    epochs: int = opt(25, "training epochs per model", minimum=1)
+    batch_size: int = opt(128, "training batch size", minimum=1)
+    lr: float = opt(3e-3, "Adam learning rate", positive=True)
     train_tol: float = opt(1e-3, "rtol = atol of dopri5 in training (Chen et al.: 1e-3)")
     train_seminorm: bool = opt(False, "use the adjoint seminorm during training (Chen et al.: no)")
-    tols: str = opt("1e-1,3e-2,1e-2,3e-3,1e-3,3e-4,1e-4,1e-5,1e-6", "comma-separated tolerances of the sweep")
-    kinetic: float = opt(0.01, "RNODE kinetic-energy weight of the regularised model")
-    jacobian: float = opt(0.01, "RNODE Jacobian-norm weight of the regularised model")
-    error_target: float = opt(1e-5, "relative error of x(1) at which the NFE of the two models is compared")
-    n_train: int = opt(0, "use only the first N training examples (0: all 4000)")
-    seed: int = opt(0, "random seed (initialisation and batch order; both models share it)")
-    threads: int = opt(1, "torch CPU threads (the networks are small: one is fastest)")
-    dpi: int = opt(90, "resolution of the PNG figures")
-    out: str = opt(os.path.join("results", "nfe_tolerance"), "output directory")
-    gallery: str = opt("", "also write small copies of the figures here (docs: docs/img/gallery)")
+    tols: Tuple[float, ...] = opt((1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5, 1e-6),
+                                  "comma-separated tolerances of the sweep", metavar="TOL,...")
+    kinetic: float = opt(0.01, "RNODE kinetic-energy weight of the regularised model", minimum=0)
+    jacobian: float = opt(0.01, "RNODE Jacobian-norm weight of the regularised model", minimum=0)
+    error_target: float = opt(1e-5, "relative error of x(1) at which the NFE of the two models is compared", positive=True)
+    n_train: int = opt(0, "use only the first N training examples (0: all 4000)", minimum=0)
+    seed: int = opt(0, "random seed (initialisation and batch order; both models share it)", minimum=0)
+    threads: int = opt(1, "torch CPU threads (the networks are small: one is fastest)", key=False, minimum=1)
+    dpi: int = opt(90, "resolution of the PNG figures", key=False, minimum=1)
+    out: str = opt(os.path.join("results", "nfe_tolerance"), "output directory", key=False)
+    gallery: str = opt("", "also write small copies of the figures here (docs: docs/img/gallery)", key=False)
+    fresh: bool = opt(False, "start over instead of reusing the models finished in OUT/results.jsonl", key=False)
 
 
-QUICK = dict(epochs=1, n_train=384, tols="1e-1,1e-3")
+QUICK = dict(epochs=1, n_train=384, tols=(1e-1, 1e-3))
 MODELS = ("none", "RNODE")
 COLOURS = {"none": "#1f77b4", "RNODE": "#ff7f0e"}
 
 
 def parse_args(argv=None) -> NFEToleranceConfig:
-    return parse_config(NFEToleranceConfig, argv, description=__doc__.split("\n\n")[0], quick=QUICK, check=check)
-
-
-def tol_list(config: NFEToleranceConfig) -> List[float]:
-    return [float(t) for t in config.tols.split(",")]
+    parser = build_parser(NFEToleranceConfig, prog=PROG, description=__doc__.split("\n\n")[0], quick=QUICK)
+    return parse_config(NFEToleranceConfig, argv, parser=parser, quick=QUICK, check=check)
 
 
 def check(config: NFEToleranceConfig) -> None:
-    for name in ("width", "hidden", "layers", "epochs", "batch_size", "threads", "dpi"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}.")
-    if config.n_train < 0:
-        raise ValueError(f"--n-train must be >= 0, got {config.n_train}.")
-    if config.lr <= 0:
-        raise ValueError(f"--lr must be positive, got {config.lr}.")
-    try:
-        tols = tol_list(config)
-    except ValueError:
-        raise ValueError(f"--tols must be comma-separated numbers, got {config.tols!r}.") from None
-    if not tols or min(tols) <= 0:
-        raise ValueError(f"--tols must be positive numbers, got {config.tols!r}.")
-    if config.error_target <= 0:
-        raise ValueError(f"--error-target must be positive, got {config.error_target}.")
-    if config.kinetic < 0 or config.jacobian < 0 or config.kinetic + config.jacobian == 0:
-        raise ValueError(f"--kinetic and --jacobian must be >= 0 and not both 0, got {config.kinetic}, {config.jacobian}.")
-    make_options("dopri5", rtol=config.train_tol, atol=config.train_tol, gradient="adjoint")
+    if config.kinetic + config.jacobian == 0:
+        raise ValueError(f"--kinetic and --jacobian must not both be 0, got {config.kinetic}, {config.jacobian}.")
+    check_solver_settings("dopri5", rtol=config.train_tol, atol=config.train_tol, gradient="adjoint")
     odenet.MLPDynamics(dim=config.width, hidden=config.hidden, layers=config.layers, activation=config.activation)
 
 
@@ -165,7 +152,7 @@ def sweep(model: Classifier, config: NFEToleranceConfig, data) -> List[dict]:
         ref = odenet.odeint(f64, z_test.double(), [0.0, 1.0], rtol=1e-10, atol=1e-10).ys[-1]
     xb, yb = x_train[: config.batch_size], y_train[: config.batch_size]
     rows = []
-    for tol in tol_list(config):
+    for tol in config.tols:
         block = odenet.ODEBlock(f, solver="dopri5", rtol=tol, atol=tol, gradient="adjoint")
         with torch.no_grad():
             t0 = time.perf_counter()
@@ -284,18 +271,31 @@ def save(fig: Figure, name: str, config: NFEToleranceConfig) -> None:
     save_figure(fig, name, out=config.out, dpi=config.dpi, gallery=config.gallery, prefix="nfe_tolerance_")
 
 
-def main(argv=None) -> dict:
-    config = parse_args(argv)
+def main(argv=None) -> int:
+    try:
+        config = parse_args(argv)
+    except UsageError as err:
+        return usage_error(PROG, err)
+    run(config, argv)
+    return 0
+
+
+def run(config: NFEToleranceConfig, argv=None) -> dict:
     torch.set_num_threads(config.threads)
-    os.makedirs(config.out, exist_ok=True)
+    log = ResultLog(config.out, fresh=config.fresh)  # one line per model; a rerun reuses them
     data = mnist1d_arrays(config.n_train)
     start = time.perf_counter()
     histories, sweeps, train_seconds = {}, {}, {}
     for kind in MODELS:
-        model, history, seconds = train(kind, config, data)
-        histories[kind], train_seconds[kind] = history, seconds
-        sweeps[kind] = sweep(model, config, data)
-        print(f"{kind}: trained in {seconds:.0f}s", flush=True)
+        key = digest(dict(key_fields(config), model=kind))
+        if key in log.done:
+            row = log.done[key]
+            print(f"{kind}: trained in {row['train_seconds']:.0f}s (from results.jsonl)", flush=True)
+        else:
+            model, history, seconds = train(kind, config, data)
+            row = log.add(key, dict(model=kind, history=history, sweep=sweep(model, config, data), train_seconds=seconds))
+            print(f"{kind}: trained in {seconds:.0f}s", flush=True)
+        histories[kind], sweeps[kind], train_seconds[kind] = row["history"], row["sweep"], row["train_seconds"]
     saving = rnode_saving(sweeps, config)
     save(main_figure(sweeps, histories, config), "nfe_tolerance.png", config)
     save(pareto_figure(sweeps, config), "pareto.png", config)
@@ -307,7 +307,8 @@ def main(argv=None) -> dict:
                 for kind, hist in histories.items()}
     result = {
         "experiment": "nfe_tolerance",
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv))),
+        "command": command_line(PROG, argv),
+        "environment": environment(),
         "config": dataclasses.asdict(config),
         "sweep": sweeps,
         "training": training,
@@ -316,8 +317,7 @@ def main(argv=None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "histories": histories,
     }
-    with open(os.path.join(config.out, "results.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
+    write_json(os.path.join(config.out, "results.json"), result)
     for kind, rows in sweeps.items():
         print(f"\n{kind}: {'tol':>7s} {'NFE fwd':>8s} {'test acc':>9s} {'rel err':>9s} {'bwd adj':>8s} {'bwd semi':>9s}")
         for r in rows:
@@ -344,4 +344,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

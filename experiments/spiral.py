@@ -14,13 +14,14 @@ model is solved over the whole interval from `y(0)` and compared with the truth.
 Writes to `--out` (default `results/spiral/`): `spiral.png` (true vs learned trajectories and
 the learned vector field at the end), `vector_field_training.png` (the learned field at the
 snapshots), `snapshot_iterNNNN.png`, `training.png` (loss and NFE per iteration),
-`step_sizes.png` (the steps of the final solve) and `results.json` (settings, errors, timings).
+`step_sizes.png` (the steps of the final solve), `results.json` (command, environment, settings,
+errors, timings) and `checkpoint.pt` (the training state at the last snapshot: a rerun with the
+same settings resumes from it, `--fresh` starts over).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -33,33 +34,35 @@ from matplotlib.figure import Figure
 from torch import nn
 
 import odenet
+from kit.models import check_solver_settings
+from kit.skeleton import (UsageError, build_parser, command_line, digest, environment, key_fields, load_checkpoint, opt,
+                          parse_config, save_checkpoint, save_figure, usage_error, write_json)
 from odenet import plotting
-from odenet.odeint import make_options
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import opt, parse_config, save_figure  # noqa: E402
+PROG = "spiral.py"
 
 
 @dataclass
 class SpiralConfig:
-    iterations: int = opt(2000, "training iterations (the torchdiffeq demo's 2000)")
-    batch_time: int = opt(10, "consecutive observations per training window")
-    batch_size: int = opt(20, "training windows per iteration")
-    data_size: int = opt(1000, "observations of the true trajectory over [0, t_end]")
-    t_end: float = opt(25.0, "end of the observed interval")
-    hidden: int = opt(50, "width of the MLP's hidden layer")
+    iterations: int = opt(2000, "training iterations (the torchdiffeq demo's 2000)", minimum=1)
+    batch_time: int = opt(10, "consecutive observations per training window", minimum=2)
+    batch_size: int = opt(20, "training windows per iteration", minimum=1)
+    data_size: int = opt(1000, "observations of the true trajectory over [0, t_end]", minimum=1)
+    t_end: float = opt(25.0, "end of the observed interval", positive=True)
+    hidden: int = opt(50, "width of the MLP's hidden layer", minimum=1)
     cube_features: bool = opt(True, "feed y**3 to the MLP, as the torchdiffeq demo does")
-    lr: float = opt(1e-3, "RMSprop learning rate")
+    lr: float = opt(1e-3, "RMSprop learning rate", positive=True)
     solver: str = opt("dopri5", "odenet solver for training and evaluation")
     rtol: float = opt(1e-7, "relative tolerance (torchdiffeq's default, as in the demo)")
     atol: float = opt(1e-9, "absolute tolerance (torchdiffeq's default, as in the demo)")
     gradient: str = opt("direct", "gradient method: direct, adjoint or checkpoint")
-    snapshot_every: int = opt(250, "iterations between evaluations/snapshot figures")
-    seed: int = opt(0, "random seed (initialisation and batches)")
-    threads: int = opt(1, "torch CPU threads (the networks are tiny: one is fastest)")
-    dpi: int = opt(90, "resolution of the PNG figures")
-    out: str = opt(os.path.join("results", "spiral"), "output directory")
-    gallery: str = opt("", "also write small copies of the main figures here (docs: docs/img/gallery)")
+    snapshot_every: int = opt(250, "iterations between evaluations/snapshot figures (and checkpoints)", minimum=1)
+    seed: int = opt(0, "random seed (initialisation and batches)", minimum=0)
+    threads: int = opt(1, "torch CPU threads (the networks are tiny: one is fastest)", key=False, minimum=1)
+    dpi: int = opt(90, "resolution of the PNG figures", key=False, minimum=1)
+    out: str = opt(os.path.join("results", "spiral"), "output directory", key=False)
+    gallery: str = opt("", "also write small copies of the main figures here (docs: docs/img/gallery)", key=False)
+    fresh: bool = opt(False, "start over instead of resuming from OUT/checkpoint.pt", key=False)
 
 
 QUICK = dict(iterations=200, snapshot_every=100)
@@ -68,7 +71,8 @@ A_TRUE = [[-0.1, 2.0], [-2.0, -0.1]]
 
 
 def parse_args(argv=None) -> SpiralConfig:
-    return parse_config(SpiralConfig, argv, description=__doc__.split("\n\n")[0], quick=QUICK, check=check)
+    parser = build_parser(SpiralConfig, prog=PROG, description=__doc__.split("\n\n")[0], quick=QUICK)
+    return parse_config(SpiralConfig, argv, parser=parser, quick=QUICK, check=check)
 
 
 class SpiralDynamics(nn.Module):
@@ -97,18 +101,13 @@ class TrueDynamics(nn.Module):
 
 
 def check(config: SpiralConfig) -> None:
-    for name in ("iterations", "batch_time", "batch_size", "data_size", "hidden", "snapshot_every", "threads", "dpi"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}.")
-    if not 2 <= config.batch_time < config.data_size:
+    if config.batch_time >= config.data_size:
         raise ValueError(f"--batch-time must be in [2, data_size), got {config.batch_time}.")
     if config.batch_size > config.data_size - config.batch_time:
         raise ValueError(
             f"--batch-size {config.batch_size} exceeds the {config.data_size - config.batch_time} possible windows; lower it."
         )
-    if config.t_end <= 0:
-        raise ValueError(f"--t-end must be positive, got {config.t_end}.")
-    make_options(config.solver, gradient=config.gradient)  # names a bad --solver or --gradient
+    check_solver_settings(config.solver, gradient=config.gradient)  # names a bad --solver or --gradient
 
 
 def save(fig: Figure, name: str, config: SpiralConfig, gallery: bool = False) -> None:
@@ -147,15 +146,24 @@ def snapshot_figure(true_y, pred_y, t, f, it: int, loss: float) -> Figure:
     return fig
 
 
-def main(argv=None) -> dict:
-    config = parse_args(argv)
+def main(argv=None) -> int:
+    try:
+        config = parse_args(argv)
+    except UsageError as err:
+        return usage_error(PROG, err)
+    run(config, argv)
+    return 0
+
+
+def run(config: SpiralConfig, argv=None) -> dict:
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     os.makedirs(config.out, exist_ok=True)
     solve_kw = dict(solver=config.solver, gradient=config.gradient)
-    if make_options(config.solver, gradient=config.gradient).adaptive:  # also validates both names
+    if check_solver_settings(config.solver, gradient=config.gradient):  # adaptive
         solve_kw.update(rtol=config.rtol, atol=config.atol)
+    eval_kw = {k: v for k, v in solve_kw.items() if k != "gradient"}
 
     t = torch.linspace(0.0, config.t_end, config.data_size)
     y0 = torch.tensor([[2.0, 0.0]])
@@ -171,7 +179,7 @@ def main(argv=None) -> dict:
 
     def evaluate(it: int) -> dict:
         with torch.no_grad():
-            sol = odenet.odeint(f, y0, t, **{k: v for k, v in solve_kw.items() if k != "gradient"})
+            sol = odenet.odeint(f, y0, t, **eval_kw)
         pred = sol.ys
         err = (pred - true_y)[:, 0]
         row = {
@@ -188,10 +196,23 @@ def main(argv=None) -> dict:
         snapshots.append((it, {k: v.clone() for k, v in f.state_dict().items()}))
         print(f"iter {it:5d}  mean |ŷ-y| {row['mean_abs_error']:.4f}  mean ||ŷ-y|| {row['mean_l2_error']:.4f}  "
               f"({time.perf_counter() - start:.0f}s)", flush=True)
-        return row, sol, pred
+        return row
 
-    evaluations.append(evaluate(0)[0])
-    for it in range(1, config.iterations + 1):
+    # Resume: the training state at the last snapshot, saved for these settings.
+    key = digest(key_fields(config))
+    checkpoint = os.path.join(config.out, "checkpoint.pt")
+    state = None if config.fresh else load_checkpoint(checkpoint, key)
+    first, seconds_before = 1, 0.0
+    if state is not None:
+        f.load_state_dict(state["f"])
+        optimiser.load_state_dict(state["optimiser"])
+        np.random.set_state(state["numpy_random"])
+        history, evaluations, snapshots = state["history"], state["evaluations"], state["snapshots"]
+        first, seconds_before = state["iteration"] + 1, state["train_seconds"]
+        print(f"resuming after iteration {state['iteration']} from {checkpoint}", flush=True)
+    else:
+        evaluations.append(evaluate(0))
+    for it in range(first, config.iterations + 1):
         s = torch.from_numpy(np.random.choice(config.data_size - config.batch_time, config.batch_size, replace=False))
         batch_y0 = true_y[s, 0]  # [B, 2]
         batch_t = t[: config.batch_time]
@@ -203,9 +224,15 @@ def main(argv=None) -> dict:
         optimiser.step()
         history.append({"iteration": it, "loss": loss.item(), **sol.stats.as_dict()})
         if it % config.snapshot_every == 0 or it == config.iterations:
-            row, final_sol, final_pred = evaluate(it)
-            evaluations.append(row)
-    train_seconds = time.perf_counter() - start
+            evaluations.append(evaluate(it))
+            save_checkpoint(checkpoint, dict(
+                key=key, iteration=it, f=f.state_dict(), optimiser=optimiser.state_dict(),
+                numpy_random=np.random.get_state(), history=history, evaluations=evaluations, snapshots=snapshots,
+                train_seconds=seconds_before + time.perf_counter() - start))
+    train_seconds = seconds_before + time.perf_counter() - start
+    with torch.no_grad():
+        final_sol = odenet.odeint(f, y0, t, **eval_kw)  # the final evaluation's solve, again (deterministic)
+    final_pred = final_sol.ys
 
     # Figures: final comparison, the field during training, loss/NFE, step sizes of the final solve.
     save(snapshot_figure(true_y, final_pred, t, f, config.iterations, evaluations[-1]["mean_abs_error"]),
@@ -242,7 +269,8 @@ def main(argv=None) -> dict:
     final = evaluations[-1]
     result = {
         "experiment": "spiral",
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv))),
+        "command": command_line(PROG, argv),
+        "environment": environment(),
         "config": dataclasses.asdict(config),
         "final": final,
         "evaluations": evaluations,
@@ -250,8 +278,7 @@ def main(argv=None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "history": history,
     }
-    with open(os.path.join(config.out, "results.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
+    write_json(os.path.join(config.out, "results.json"), result)
     print(f"final trajectory error after {config.iterations} iterations: mean |ŷ-y| = {final['mean_abs_error']:.4f}, "
           f"mean ||ŷ-y|| = {final['mean_l2_error']:.4f}, max ||ŷ-y|| = {final['max_l2_error']:.4f} "
           f"(training {train_seconds:.0f}s)")
@@ -260,4 +287,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""experiments/compare_solvers.py and the kit behind it (odenet.models, odenet.training):
+"""experiments/compare_solvers.py and the kit behind it (experiments/kit: models, training):
 outputs, resume, the distributed path, cross-evaluation and one-line errors.
 
 Tiny settings throughout (a few hundred examples, one epoch); nothing here checks a
@@ -18,13 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from odenet import ODEBlock, ResBlock
-from odenet.models import PRESETS, ResidualSpec, StackedDynamics, build_model, count_parameters
-from odenet.training import (EvalConfig, activation_bytes, cross_evaluate, default_cross_eval_configs,
-                             evaluate, train)
+from odenet import Adjoint, ODEBlock, ResBlock
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "experiments" / "compare_solvers.py"
+sys.path.insert(0, str(ROOT / "experiments"))  # the scripts' kit: experiments/kit
+
+from kit.models import PRESETS, ResidualSpec, StackedDynamics, build_model, count_parameters  # noqa: E402
+from kit.training import (EvalConfig, activation_bytes, cross_evaluate, default_cross_eval_configs,  # noqa: E402
+                          evaluate, train)
 PLOTS = ("pareto.png", "memory.png", "nfe_training.png", "cross_eval.png")
 
 
@@ -71,7 +73,7 @@ def test_presets_parameter_ratio_and_blocks():
     assert len(resnet.residual) == 6 and all(isinstance(b, ResBlock) for b in resnet.residual)
     assert len({id(b.f) for b in resnet.residual}) == 6
     assert len({id(b.f) for b in tied.residual}) == 1
-    assert isinstance(ode.residual, ODEBlock) and ode.residual.gradient == "adjoint"
+    assert isinstance(ode.residual, ODEBlock) and ode.residual.gradient == Adjoint()
 
 
 @pytest.mark.parametrize("shape", [(3,), (1, 40), (1, 8, 8), (1, 28, 28)])
@@ -327,7 +329,7 @@ def _free_port() -> int:
 def _ddp_worker(rank, world, port, path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from odenet.training import cleanup_distributed, setup_distributed
+    from kit.training import cleanup_distributed, setup_distributed
 
     info = setup_distributed("cpu")
     torch.manual_seed(rank)  # different initial weights per process: DDP must broadcast rank 0's

@@ -1,14 +1,18 @@
-"""Data set loaders of `odenet.data`: shapes, contents, determinism, and clear errors."""
+"""Data set loaders of the experiments' kit (experiments/kit/data.py): shapes, contents, determinism, clear errors."""
 
 import gzip
+import pathlib
 import random
 import struct
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from odenet.data import DATASETS, MNIST_FILES, Dataset, load_dataset, make_spheres, read_idx
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))  # the scripts' kit
+
+from kit.data import DATASETS, MNIST_FILES, Dataset, load_dataset, make_spheres, read_idx  # noqa: E402
 
 
 def write_idx(path, array: np.ndarray) -> None:

@@ -1,4 +1,5 @@
-"""The issue-5 experiment scripts run end to end with --quick and reject bad flags in one line."""
+"""The issue-5 experiment scripts run end to end with --quick, record their environment, resume an
+interrupted run, and reject bad flags in one line."""
 
 import json
 import pathlib
@@ -32,6 +33,8 @@ def test_quick_run_writes_results(script, tmp_path):
     assert str(out) in proc.stdout  # it says where the outputs went
     results = json.loads((out / "results.json").read_text())
     assert results["config"]
+    assert results["command"].startswith(f"python experiments/{script} --quick")
+    assert {"python", "torch", "odenet", "cpu", "commit"} <= set(results["environment"])
     for key in FIELDS[script]:
         assert results[key], key
     assert list(out.glob("*.png"))
@@ -60,3 +63,42 @@ def test_bad_flag_is_one_line(script, flag, value):
     proc = _run(script, flag, value, timeout=60)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and flag in proc.stderr.splitlines()[-1]
+
+
+def _results(out):
+    """results.json without what changes from one invocation to the next (times, command, environment)."""
+    drop = {"train_seconds", "total_seconds", "train_seconds_std", "command", "environment"}
+
+    def strip(o):
+        if isinstance(o, dict):
+            return {k: strip(v) for k, v in o.items() if k not in drop}
+        return [strip(v) for v in o] if isinstance(o, list) else o
+
+    return strip(json.loads((out / "results.json").read_text()))
+
+
+def test_interrupted_run_resumes(tmp_path):
+    out = tmp_path / "out"
+    args = ("--quick", "--out", str(out))
+    assert _run("degradation.py", *args, timeout=300).returncode == 0
+    before = _results(out)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 6  # 3 families x 2 depths x 1 seed
+    # interrupted while writing the last unit: its line is cut; the rerun trains that one alone
+    (out / "results.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    again = _run("degradation.py", *args, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("(from results.jsonl)") == 5
+    assert _results(out) == before
+    fresh = _run("degradation.py", *args, "--fresh", timeout=300)  # starts over
+    assert fresh.returncode == 0 and "(from results.jsonl)" not in fresh.stdout
+
+
+def test_spiral_resumes_from_its_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    args = ("--iterations", "20", "--snapshot-every", "10", "--data-size", "200", "--out", str(out))
+    assert _run("spiral.py", *args, timeout=300).returncode == 0
+    before = _results(out)
+    again = _run("spiral.py", *args, timeout=300)
+    assert again.returncode == 0 and "resuming after iteration 20" in again.stdout
+    assert _results(out) == before
