@@ -53,8 +53,8 @@ def swap_blocks(
     against its residual form and raises a `ValueError` naming it where they differ.
     `odenet.swap_report(model)` says what was converted, merged and left discrete, and why.
 
-    New blocks keep the training/eval mode of what they replace. The model is changed in
-    place and returned (if `model` itself is one of odenet's blocks, the new block is returned).
+    New blocks keep the training/eval mode of what they replace. The model is changed in place
+    and returned (or the new block, if `model` is one of odenet's blocks).
 
     **Arguments:**
 
@@ -85,20 +85,9 @@ def swap_blocks(
     model = nn.Sequential(nn.Linear(4, 2), odenet.ResBlock(odenet.MLPDynamics(2)), nn.Linear(2, 3))
     model = odenet.swap_blocks(model, solver="dopri5", control=odenet.Adaptive(rtol=1e-3, atol=1e-3))
     model = odenet.swap_blocks(model, solver="euler", steps=1)  # and back
-
-    class Block(nn.Module):  # written for another library: x + mlp(ln(x))
-        def __init__(self):
-            super().__init__()
-            self.ln, self.mlp = nn.LayerNorm(8), nn.Linear(8, 8)
-
-        def forward(self, x):
-            return x + self.mlp(self.ln(x))
-
-    net = nn.Sequential(*[Block() for _ in range(4)])
-    net = odenet.swap_blocks(net, solver="dopri5", rtol=1e-3, atol=1e-3, select=Block,
-                             branches=lambda b: (lambda x: b.mlp(b.ln(x)),), merge=True)
-    net(torch.randn(2, 8)); print(odenet.swap_report(net))
+    print(odenet.swap_report(model))
     ```
+    The tutorial "Your ResNet or transformer as an ODE" converts the blocks of a GPT and of two ResNets.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"swap_blocks needs an nn.Module, got {type(model).__name__}.")
