@@ -7,9 +7,10 @@ from typing import Dict, List, Optional, Tuple
 from torch import nn
 
 from .blocks import ODEBlock, ResBlock
-from .gradients import Adjoint, Checkpoint
+from .gradients import Adjoint, Checkpoint, Direct
 from .options import SolveOptions
-from .solvers.control import Adaptive
+from .residual import ResidualRun
+from .solvers.control import Adaptive, Fixed
 from .solvers.controller import PIController
 from .solvers.rk import SOLVERS, ExplicitRK
 from .solvers.tableau import ButcherTableau
@@ -288,11 +289,15 @@ def _add_options(c: _Collector, opts: SolveOptions, where: str = "") -> None:
         _add_tableau(c, opts.solver.tableau, opts.solver.adaptive, where, controller)
     else:
         _add_solver_name(c, opts.solver, where, backend=opts.backend, controller=controller)
-    if isinstance(opts.gradient, Adjoint):
+    _add_gradient(c, opts.gradient, where)
+
+
+def _add_gradient(c: _Collector, gradient, where: str) -> None:
+    if isinstance(gradient, Adjoint):
         c.add("chen2018", f"gradient='adjoint'{where}")
-        if opts.gradient.seminorm:
+        if gradient.seminorm:
             c.add("kidger2021", f"adjoint_seminorm=True{where}")
-    elif isinstance(opts.gradient, Checkpoint):
+    elif isinstance(gradient, Checkpoint):
         c.add("gholami2019", f"gradient='checkpoint'{where}")
 
 
@@ -319,12 +324,19 @@ def _walk(c: _Collector, obj, where: str = "") -> None:
     elif isinstance(obj, PIController):
         if obj.pcoeff != 0:
             c.add("gustafsson1991", f"PIController{where}")
+    elif isinstance(obj, (Direct, Adjoint, Checkpoint)):
+        _add_gradient(c, obj, where)
+    elif isinstance(obj, Adaptive):
+        if obj.controller is None or obj.controller.pcoeff != 0:
+            c.add("gustafsson1991", f"Adaptive (PI step-size control){where}")
+    elif isinstance(obj, Fixed):
+        return  # a grid: nothing to cite
     elif _is_named(obj, "RNODE"):
         _add_rnode(c, obj, where)
     elif isinstance(obj, nn.Module):
         for name, module in obj.named_modules():
             here = f" (module {name!r})" if name else where
-            if isinstance(module, ODEBlock):
+            if isinstance(module, (ODEBlock, ResidualRun)):
                 _add_options(c, module.options, here)
                 _add_rnode(c, getattr(module, "regularization", None), here)
             elif isinstance(module, ResBlock):
@@ -354,7 +366,8 @@ def citation(obj=None, *, file=None) -> str:
     **Arguments:**
 
     - `obj`: a block or a model (its modules are walked), a solver name, an `ExplicitRK`, a
-      `ButcherTableau`, a `PIController`, an `RNODE`, a list of these, or `None` (odenet alone).
+      `ButcherTableau`, a `PIController`, a typed option (`Adaptive`, `Adjoint`, ...), an
+      `RNODE`, a list of these, or `None` (odenet alone).
     - `file`: where to print (default `sys.stdout`).
 
     **Returns:** the BibTeX text.

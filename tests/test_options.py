@@ -149,3 +149,18 @@ def test_solve_options_checks_itself():
         SolveOptions("dopri5", odenet.Fixed())
     opts = SolveOptions("rk4", odenet.Fixed(steps=2))
     assert opts.solver == odenet.solvers.RK4() and not opts.adaptive and opts.solver_name == "rk4"
+
+
+def test_citation_reads_the_typed_options():
+    import re
+
+    def keys(obj):
+        return re.findall(r"@\w+\{(\w+)", odenet.citation(obj, file=open("/dev/null", "w")))
+
+    assert keys(odenet.Adjoint(seminorm=True)) == ["odenet", "chen2018", "kidger2021"]
+    assert keys(odenet.Checkpoint()) == ["odenet", "gholami2019"]
+    assert keys(odenet.Adaptive(1e-3, 1e-3)) == ["odenet", "gustafsson1991"]
+    assert keys(odenet.Adaptive(1e-3, 1e-3, controller=odenet.solvers.PIController(pcoeff=0.0))) == ["odenet"]
+    assert keys([odenet.Fixed(), odenet.Direct()]) == ["odenet"]
+    block = odenet.ODEBlock(odenet.MLPDynamics(2), "tsit5", gradient=odenet.Adjoint())
+    assert {"chen2018", "tsitouras2011"} <= set(keys(block))
