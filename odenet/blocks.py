@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,36 @@ def _check_time(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite number, got {value!r}.")
     return float(value)
+
+
+def _check_end_time(value) -> Union[float, nn.Parameter]:
+    """`t1` as a float, or as it is when it is a learnable end time: a 0-dim floating `nn.Parameter`."""
+    if not isinstance(value, Tensor):
+        return _check_time("t1", value)
+    if value.dim() != 0:
+        raise ValueError(f"t1 must be a number or a 0-dim tensor, got a tensor of shape {tuple(value.shape)}; "
+                         "a learnable end time is nn.Parameter(torch.tensor(1.0)).")
+    if not value.is_floating_point():
+        raise TypeError(f"t1 must be a floating-point tensor, got dtype {value.dtype}; "
+                        "e.g. nn.Parameter(torch.tensor(1.0)).")
+    _check_time("t1", value.item())  # finite (item(): float() warns on a tensor that requires grad)
+    if isinstance(value, nn.Parameter):
+        return value
+    if value.requires_grad:
+        raise TypeError("A t1 that requires grad must be an nn.Parameter, which the block owns (optimizers and "
+                        "state_dict see it): pass nn.Parameter(t1), or float(t1) for a fixed end time.")
+    return value.item()
+
+
+class _Bound(nn.Module):
+    """`f` with one call's context bound, `f(t, x, **context)`, for `solve_regularized` (which calls `f(t, x)`)."""
+
+    def __init__(self, f: nn.Module, context: dict):
+        super().__init__()
+        self.f, self.context = f, context
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        return self.f(t, x, **self.context)
 
 
 #: ODEBlock's default tolerances for adaptive solvers: a training setting (as in Chen et al. 2018).
@@ -112,9 +142,14 @@ class ODEBlock(nn.Module):
 
     **Arguments:**
 
-    - `f`: the dynamics, an `nn.Module` with `forward(t, x)`.
+    - `f`: the dynamics, an `nn.Module` with `forward(t, x)` (or `forward(t, x, **context)`:
+      keywords given to the block's `forward`, `solve` or `trajectory`, such as a mask or a
+      label, reach `f` at every evaluation; context tensors that require grad get gradients
+      under every gradient method).
     - `solver`: a name from `odenet.SOLVERS` or a solver object (default `"dopri5"`).
-    - `t0`, `t1`: integration interval (default 0 to 1).
+    - `t0`, `t1`: integration interval (default 0 to 1). `t1` may be a 0-dim
+      `nn.Parameter`, a learnable depth: it is registered on the block and gets its gradient
+      `dL/dt1 = g·f(t1, x(t1))` under every gradient method (`interval` reads both as numbers).
     - `control`: `odenet.Fixed(...)` or `odenet.Adaptive(...)`, as in `odenet.odeint`. Blocks'
       default for adaptive solvers is `Adaptive(rtol=1e-3, atol=1e-3)` (a training setting, as
       in Chen et al. 2018), unlike `odeint`'s `1e-7`/`1e-9`. `Fixed(steps=N)` with
@@ -135,8 +170,8 @@ class ODEBlock(nn.Module):
     when `backward()` runs).
 
     **Raises:** `ValueError`/`TypeError` for a bad setting or combination (naming the value and
-    the fix), `t0 == t1`, an `f` that is not an `nn.Module`, or a `regularization` that is not
-    an `odenet.RNODE`.
+    the fix), `t0 == t1`, a tensor `t1` that is not 0-dim and floating, an `f` that is not an
+    `nn.Module`, or a `regularization` that is not an `odenet.RNODE`.
 
     **Example:**
 
@@ -157,7 +192,7 @@ class ODEBlock(nn.Module):
         solver: Union[str, ExplicitRK] = "dopri5",
         *,
         t0: float = 0.0,
-        t1: float = 1.0,
+        t1: Union[float, nn.Parameter] = 1.0,
         control: Union[Fixed, Adaptive, None] = None,
         gradient: Union[str, GradientMethod] = "direct",
         regularization: Optional[RNODE] = None,
@@ -175,8 +210,8 @@ class ODEBlock(nn.Module):
         self.last_regularization: Optional[Tensor] = None
         self.f = f
         self.t0 = _check_time("t0", t0)
-        self.t1 = _check_time("t1", t1)
-        if self.t0 == self.t1:
+        self.t1 = _check_end_time(t1)
+        if self.t0 == self.interval[1]:
             raise ValueError(f"t0 and t1 must differ, got t0 = t1 = {self.t0}.")
         self.options: SolveOptions = block_options(solver, control, gradient, settings)
         self.last_stats: Optional[SolveStats] = None
@@ -196,28 +231,48 @@ class ODEBlock(nn.Module):
         """The gradient method: `odenet.Direct()`, `odenet.Adjoint(...)` or `odenet.Checkpoint()`."""
         return self.options.gradient
 
-    def solve(self, x: Tensor, t: Optional[Union[Tensor, Sequence[float]]] = None) -> Solution:
-        """The full `odenet.Solution` from `x` at `t[0]` over the times `t` (default `(t0, t1)`);
-        sets `last_stats`."""
-        if t is None:
-            t = (self.t0, self.t1)
-        sol = solve_with_options(self.f, x, t, self.options)
+    @property
+    def interval(self) -> Tuple[float, float]:
+        """`(t0, t1)` as numbers (a learnable `t1` at its current value)."""
+        return self.t0, self.t1.item() if isinstance(self.t1, Tensor) else self.t1
+
+    def _span(self) -> Union[Tensor, Tuple[float, float]]:
+        """`(t0, t1)`; a tensor when `t1` is learnable, so that odeint's time gradients reach it."""
+        if isinstance(self.t1, Tensor):
+            return torch.stack([torch.full_like(self.t1, self.t0), self.t1])
+        return self.t0, self.t1
+
+    def _solve(self, x: Tensor, t, context: dict) -> Solution:
+        sol = solve_with_options(self.f, x, self._span() if t is None else t, self.options, context=context)
         self.last_stats = sol.stats
         return sol
 
-    def forward(self, x: Tensor) -> Tensor:
-        """`x(t1)` from `x` at `t0` (in training with `regularization`, also sets `last_regularization`)."""
-        if self.regularization is not None and self.training:
-            res = solve_regularized(self.f, x, (self.t0, self.t1), self.options, self.regularization)
-            self.last_stats = res.solution.stats
-            self.last_regularization = res.regularization
-            return res.solution.ys[-1]
-        self.last_regularization = None
-        return self.solve(x).ys[-1]
+    def solve(self, x: Tensor, t: Optional[Union[Tensor, Sequence[float]]] = None, **context) -> Solution:
+        """The full `odenet.Solution` from `x` at `t[0]` over the times `t` (default `(t0, t1)`);
+        `f` is called as `f(t, x, **context)`; sets `last_stats`."""
+        return self._solve(x, t, context)
 
-    def trajectory(self, x: Tensor, t: Union[Tensor, Sequence[float]]) -> Tensor:
+    def forward(self, x: Tensor, **context) -> Tensor:
+        """`x(t1)` from `x` at `t0`, calling `f(t, x, **context)` (in training with `regularization`,
+        also sets `last_regularization`)."""
+        if self.regularization is not None and self.training:
+            return self._forward_regularized(x, context)
+        self.last_regularization = None
+        return self._solve(x, None, context).ys[-1]
+
+    def _forward_regularized(self, x: Tensor, context: dict) -> Tensor:
+        f, inputs = self.f, None
+        if context:  # solve_regularized calls f(t, x): bind the context, and differentiate its tensors too
+            f = _Bound(self.f, context)
+            inputs = [*self.f.parameters(), *(v for v in context.values() if isinstance(v, Tensor))]
+        res = solve_regularized(f, x, self._span(), self.options, self.regularization, adjoint_params=inputs)
+        self.last_stats = res.solution.stats
+        self.last_regularization = res.regularization
+        return res.solution.ys[-1]
+
+    def trajectory(self, x: Tensor, t: Union[Tensor, Sequence[float]], **context) -> Tensor:
         """States at the times `t` (starting from `x` at `t[0]`), shape `[len(t), *x.shape]`."""
-        return self.solve(x, t).ys
+        return self._solve(x, t, context).ys
 
     def __getstate__(self):
         # The last regularisation term is a non-leaf tensor of the last training step's graph:
@@ -228,7 +283,8 @@ class ODEBlock(nn.Module):
 
     def extra_repr(self) -> str:
         o = self.options
-        parts = [f"solver={o.solver_name!r}", f"t0={self.t0:g}", f"t1={self.t1:g}", f"control={o.control!r}",
+        t1 = f"{self.interval[1]:g}" + (" (learnable)" if isinstance(self.t1, Tensor) else "")
+        parts = [f"solver={o.solver_name!r}", f"t0={self.t0:g}", f"t1={t1}", f"control={o.control!r}",
                  f"gradient={o.gradient!r}"]
         if o.backend != "odenet":
             parts.append(f"backend={o.backend!r}")

@@ -67,6 +67,16 @@ def _module_params(f, adjoint_params) -> Tuple[Tensor, ...]:
     return ()
 
 
+def _inputs(f, adjoint_params, context: Optional[dict]) -> Tuple[Tensor, ...]:
+    """What `Adjoint`/`Checkpoint` differentiate: `f`'s parameters (or `adjoint_params`) and the
+    context tensors that require grad, each once."""
+    params = _module_params(f, adjoint_params)
+    for v in (context or {}).values():
+        if isinstance(v, Tensor) and v.requires_grad and not any(v is p for p in params):
+            params += (v,)
+    return params
+
+
 def _finish(
     opts: SolveOptions, t_tensor: Tensor, ys: Tensor, stats: SolveStats, status: Status, message: str, steps=()
 ) -> Solution:
@@ -76,9 +86,10 @@ def _finish(
     return sol
 
 
-def _solve_odenet(f, y0: Tensor, t_tensor: Tensor, ts: List[float], opts: SolveOptions, adjoint_params) -> Solution:
-    fc = CountedFunc(f, SolveStats(), autocast_dtype(y0.device.type))
-    params = () if isinstance(opts.gradient, Direct) else _module_params(f, adjoint_params)
+def _solve_odenet(f, y0: Tensor, t_tensor: Tensor, ts: List[float], opts: SolveOptions, adjoint_params,
+                  context: Optional[dict]) -> Solution:
+    fc = CountedFunc(f, SolveStats(), autocast_dtype(y0.device.type), context)
+    params = () if isinstance(opts.gradient, Direct) else _inputs(f, adjoint_params, context)
 
     def solve(start: Tensor):
         return run_solve(fc, start, ts, opts.solver, opts.control, opts.gradient, params, adjoint_params is None)
@@ -93,7 +104,7 @@ def _solve_odenet(f, y0: Tensor, t_tensor: Tensor, ts: List[float], opts: SolveO
     return _finish(opts, t_tensor, ys, fc.stats, res.status, res.message(opts.control), res.steps)
 
 
-def _torchdiffeq_keywords(ts: List[float], opts: SolveOptions, f, adjoint_params) -> dict:
+def _torchdiffeq_keywords(ts: List[float], opts: SolveOptions, f, adjoint_params, context: Optional[dict]) -> dict:
     """`odeint`'s or `odeint_adjoint`'s keywords in torchdiffeq for `opts`."""
     control, gradient = opts.control, opts.gradient
     kw = dict(method=opts.solver, options={})
@@ -106,7 +117,7 @@ def _torchdiffeq_keywords(ts: List[float], opts: SolveOptions, f, adjoint_params
         grid = control.grid(ts)
         kw["options"]["grid_constructor"] = lambda func, y, t: torch.tensor(grid, dtype=t.dtype, device=t.device)
     if isinstance(gradient, Adjoint):
-        kw["adjoint_params"] = _module_params(f, adjoint_params)
+        kw["adjoint_params"] = _inputs(f, adjoint_params, context)
         if isinstance(control, Adaptive):
             kw.update(adjoint_rtol=gradient.rtol or control.rtol, adjoint_atol=gradient.atol or control.atol)
         if gradient.seminorm:
@@ -114,13 +125,14 @@ def _torchdiffeq_keywords(ts: List[float], opts: SolveOptions, f, adjoint_params
     return kw
 
 
-def _solve_torchdiffeq(f, y0: Tensor, t_tensor: Tensor, ts: List[float], opts: SolveOptions, adjoint_params) -> Solution:
+def _solve_torchdiffeq(f, y0: Tensor, t_tensor: Tensor, ts: List[float], opts: SolveOptions, adjoint_params,
+                      context: Optional[dict]) -> Solution:
     import torchdiffeq
 
     stats = SolveStats(n_accepted=None, n_rejected=None)
-    fc = CountedFunc(f, stats, autocast_dtype(y0.device.type))
+    fc = CountedFunc(f, stats, autocast_dtype(y0.device.type), context)
     t_in = t_tensor.to(device=y0.device, dtype=y0.dtype)
-    kw = _torchdiffeq_keywords(ts, opts, f, adjoint_params)
+    kw = _torchdiffeq_keywords(ts, opts, f, adjoint_params, context)
     solve = torchdiffeq.odeint_adjoint if isinstance(opts.gradient, Adjoint) else torchdiffeq.odeint
     try:
         ys = solve(fc, y0, t_in, **kw)
@@ -141,12 +153,14 @@ def _solve_torchdiffeq(f, y0: Tensor, t_tensor: Tensor, ts: List[float], opts: S
     return _finish(opts, t_tensor, ys, stats, status, message)
 
 
-def solve_with_options(f, y0, t, opts: SolveOptions, adjoint_params=None) -> Solution:
-    """Run a solve with already built :class:`SolveOptions` (what blocks call)."""
+def solve_with_options(f, y0, t, opts: SolveOptions, adjoint_params=None, context: Optional[dict] = None) -> Solution:
+    """Run a solve with already built :class:`SolveOptions` (what blocks call). With `context`, a
+    dict, `f` is called as `f(t, y, **context)`; with `Adjoint`/`Checkpoint`, its tensors that
+    require grad are differentiated along with `f`'s parameters."""
     t_tensor, ts = _check_inputs(f, y0, t)
     if opts.backend == "torchdiffeq":
-        return _solve_torchdiffeq(f, y0, t_tensor, ts, opts, adjoint_params)
-    return _solve_odenet(f, y0, t_tensor, ts, opts, adjoint_params)
+        return _solve_torchdiffeq(f, y0, t_tensor, ts, opts, adjoint_params, context)
+    return _solve_odenet(f, y0, t_tensor, ts, opts, adjoint_params, context)
 
 
 def odeint(

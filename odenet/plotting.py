@@ -110,12 +110,12 @@ def _segments(block) -> List[_Segment]:
     if isinstance(block, ResBlock):
         return [_Segment(block.f, block.t, block.t + block.h, [block.t, block.t + block.h], None, "euler")]
     if isinstance(block, ODEBlock):
-        o = block.options
+        o, (t0, t1) = block.options, block.interval  # numbers, also for a learnable t1
         if o.adaptive:
-            return [_Segment(block.f, block.t0, block.t1, None, o, o.solver_name)]
-        grid = list(o.control.grid([block.t0, block.t1]))  # one step over the block without steps/step_size
+            return [_Segment(block.f, t0, t1, None, o, o.solver_name)]
+        grid = list(o.control.grid([t0, t1]))  # one step over the block without steps/step_size
         stepper = dataclasses.replace(o, control=Fixed())  # one step per grid interval
-        return [_Segment(block.f, block.t0, block.t1, grid, stepper, o.solver_name)]
+        return [_Segment(block.f, t0, t1, grid, stepper, o.solver_name)]
     if isinstance(block, (nn.Sequential, nn.ModuleList)):
         children = list(block)
         bad = [type(c).__name__ for c in children if not isinstance(c, (ResBlock, ODEBlock))]

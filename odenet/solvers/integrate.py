@@ -12,6 +12,7 @@ inside a step.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -77,13 +78,16 @@ class CountedFunc:
     running statistics updated once), and checks the first call (output type, shape and
     dtype; no write into `y`). With `autocast`, the dtype of the `torch.autocast` the solve
     started in, an output in that dtype is cast back to the state's dtype, as a residual
-    update `y + h·f(t, y)` promotes to it."""
+    update `y + h·f(t, y)` promotes to it. With a `context` (a dict, the keywords of
+    `ODEBlock.forward`), every call is `f(t, y, **context)`."""
 
-    __slots__ = ("f", "stats", "backward", "autocast", "scope", "_checked")
+    __slots__ = ("f", "call", "stats", "backward", "autocast", "scope", "_checked")
 
     def __init__(self, f: Callable[[Tensor, Tensor], Tensor], stats: SolveStats,
-                 autocast: Optional[torch.dtype] = None):
+                 autocast: Optional[torch.dtype] = None, context: Optional[dict] = None):
         self.f = f
+        # Bound once, so that a call without context costs nothing more.
+        self.call = functools.partial(f, **context) if context else f
         self.stats = stats
         self.backward = False
         self.autocast = autocast
@@ -98,10 +102,10 @@ class CountedFunc:
             self.scope = FieldScope.of(self.f, y)
             version = None if y.is_inference() else y._version  # inference tensors have no counter
         if self.scope is None:
-            out = self.f(t, y)
+            out = self.call(t, y)
         else:
             with self.scope.evaluation():
-                out = self.f(t, y)
+                out = self.call(t, y)
         if self.autocast is not None and isinstance(out, Tensor) and out.dtype == self.autocast != y.dtype:
             out = out.to(y.dtype)
         if self.backward:
