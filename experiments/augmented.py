@@ -43,8 +43,8 @@ from torch import Tensor, nn
 
 import odenet
 from kit.models import check_solver_settings
-from kit.skeleton import (ResultLog, UsageError, build_parser, command_line, digest, environment, key_fields,
-                          load_checkpoint, opt, parse_config, save_checkpoint, save_figure, usage_error, write_json)
+from kit.skeleton import (ResultLog, build_parser, command_line, digest, environment, key_fields,
+                          load_checkpoint, opt, parse_config, save_checkpoint, save_figure, script_main, write_json)
 from odenet import plotting
 
 PROG = "augmented.py"
@@ -275,12 +275,7 @@ def summary_figure(rows: List[dict], config: AugmentedConfig) -> Figure:
 
 
 def main(argv=None) -> int:
-    try:
-        config = parse_args(argv)
-    except UsageError as err:
-        return usage_error(PROG, err)
-    run(config, argv)
-    return 0
+    return script_main(PROG, parse_args, run, argv)
 
 
 def run(config: AugmentedConfig, argv=None) -> dict:

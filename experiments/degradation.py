@@ -55,8 +55,8 @@ from torch import Tensor, nn
 
 import odenet
 from kit.data import mnist1d_arrays
-from kit.skeleton import (ResultLog, UsageError, build_parser, command_line, digest, environment, key_fields, opt,
-                          parse_config, save_figure, usage_error, write_json)
+from kit.skeleton import (ResultLog, build_parser, command_line, digest, environment, key_fields, opt,
+                          parse_config, save_figure, script_main, write_json)
 
 PROG = "degradation.py"
 FAMILIES = ("plain", "residual", "ode")
@@ -281,12 +281,7 @@ def save(fig: Figure, name: str, config: DegradationConfig) -> None:
 
 
 def main(argv=None) -> int:
-    try:
-        config = parse_args(argv)
-    except UsageError as err:
-        return usage_error(PROG, err)
-    run(config, argv)
-    return 0
+    return script_main(PROG, parse_args, run, argv)
 
 
 def run(config: DegradationConfig, argv=None) -> dict:

@@ -48,8 +48,8 @@ from torch import Tensor, nn
 import odenet
 from kit.data import mnist1d_arrays
 from kit.models import check_solver_settings
-from kit.skeleton import (ResultLog, UsageError, build_parser, command_line, digest, environment, key_fields, opt,
-                          parse_config, save_figure, usage_error, write_json)
+from kit.skeleton import (ResultLog, build_parser, command_line, digest, environment, key_fields, opt,
+                          parse_config, save_figure, script_main, write_json)
 from odenet import plotting
 
 PROG = "nfe_tolerance.py"
@@ -272,12 +272,7 @@ def save(fig: Figure, name: str, config: NFEToleranceConfig) -> None:
 
 
 def main(argv=None) -> int:
-    try:
-        config = parse_args(argv)
-    except UsageError as err:
-        return usage_error(PROG, err)
-    run(config, argv)
-    return 0
+    return script_main(PROG, parse_args, run, argv)
 
 
 def run(config: NFEToleranceConfig, argv=None) -> dict:

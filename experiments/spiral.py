@@ -35,8 +35,8 @@ from torch import nn
 
 import odenet
 from kit.models import check_solver_settings
-from kit.skeleton import (UsageError, build_parser, command_line, digest, environment, key_fields, load_checkpoint, opt,
-                          parse_config, save_checkpoint, save_figure, usage_error, write_json)
+from kit.skeleton import (build_parser, command_line, digest, environment, key_fields, load_checkpoint, opt,
+                          parse_config, save_checkpoint, save_figure, script_main, write_json)
 from odenet import plotting
 
 PROG = "spiral.py"
@@ -147,12 +147,7 @@ def snapshot_figure(true_y, pred_y, t, f, it: int, loss: float) -> Figure:
 
 
 def main(argv=None) -> int:
-    try:
-        config = parse_args(argv)
-    except UsageError as err:
-        return usage_error(PROG, err)
-    run(config, argv)
-    return 0
+    return script_main(PROG, parse_args, run, argv)
 
 
 def run(config: SpiralConfig, argv=None) -> dict:

@@ -44,6 +44,16 @@ def usage_error(prog: str, err: BaseException) -> int:
     return 2
 
 
+def script_main(prog: str, parse_args, run, argv=None) -> int:
+    """A script's `main`: parse `argv` into its settings and `run(config, argv)`; a usage error is one line, exit 2."""
+    try:
+        config = parse_args(argv)
+    except UsageError as err:
+        return usage_error(prog, err)
+    run(config, argv)
+    return 0
+
+
 # ---------------------------------------------------------------------------- settings -> command line
 
 
