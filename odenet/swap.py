@@ -92,9 +92,9 @@ def swap_blocks(
     if not isinstance(model, nn.Module):
         raise TypeError(f"swap_blocks needs an nn.Module, got {type(model).__name__}.")
     _check_swap_keywords(kwargs, select, branches)
-    base = block_options(solver, kwargs.get("control"), kwargs.get("gradient", "direct"), kwargs)  # fails early
     if select is None:
         return _swap_own(model, solver, kwargs)
+    base = block_options(solver, kwargs.get("control"), kwargs.get("gradient", "direct"), kwargs)  # fails early
     matches = _selector(select)
     found = _swap_foreign(model, "", matches, branches, base, merge, strict)
     if not found:
@@ -123,22 +123,31 @@ def _check_swap_keywords(kwargs: dict, select, branches) -> None:
         raise TypeError("regularization= applies to odenet's own ODEBlocks, not to blocks converted with select=.")
 
 
+_OWN = (ResBlock, ODEBlock, ResidualRun)
+
+
 def _swap_own(model: nn.Module, solver, kwargs: dict) -> nn.Module:
-    """odenet's own blocks in `model`, each converted with the settings it keeps."""
-    own = (ResBlock, ODEBlock, ResidualRun)
-    if isinstance(model, own):
-        return _convert_own(model, solver, kwargs)
-    for name, child in list(model.named_children()):
-        if isinstance(child, own):
-            setattr(model, name, _convert_own(child, solver, kwargs))
-        else:
-            _swap_own(child, solver, kwargs)
+    """odenet's own blocks in `model`, each converted with the settings it keeps; every block's
+    new options are checked before any block is replaced."""
+    if isinstance(model, _OWN):
+        return _convert_own(model, solver, _kept_options(getattr(model, "options", None), solver, kwargs), kwargs)
+    targets = list(_own_blocks(model))
+    options = [_kept_options(getattr(child, "options", None), solver, kwargs) for _, _, child in targets]
+    for (parent, name, child), opts in zip(targets, options):
+        setattr(parent, name, _convert_own(child, solver, opts, kwargs))
     return model
 
 
-def _convert_own(block: nn.Module, solver, kwargs: dict) -> nn.Module:
-    old = getattr(block, "options", None)
-    opts = _kept_options(old, solver, kwargs)
+def _own_blocks(module: nn.Module):
+    """`(parent, name, block)` for each of odenet's blocks below `module` (not looking inside them)."""
+    for name, child in module.named_children():
+        if isinstance(child, _OWN):
+            yield module, name, child
+        else:
+            yield from _own_blocks(child)
+
+
+def _convert_own(block: nn.Module, solver, opts: SolveOptions, kwargs: dict) -> nn.Module:
     if isinstance(block, ResidualRun):
         block.options = opts
         return block
@@ -159,27 +168,37 @@ def _kept_options(old: Optional[SolveOptions], solver, kwargs: dict) -> SolveOpt
     """The options `kwargs` ask for, with every setting they do not pass taken from `old`."""
     if old is None:
         return block_options(solver, kwargs.get("control"), kwargs.get("gradient", "direct"), kwargs)
-    settings = dict(kwargs)
-    settings.setdefault("backend", old.backend)
-    settings.setdefault("throw", old.throw)
-    flat_adjoint = {k: settings.pop(k) for k in ADJOINT_KEYS if k in settings}
-    gradient = settings.pop("gradient", None)
-    if gradient is None:
-        gradient = old.gradient
-        if flat_adjoint and isinstance(gradient, Adjoint):  # new adjoint settings on the kept Adjoint
-            names = {"adjoint_rtol": "rtol", "adjoint_atol": "atol", "adjoint_seminorm": "seminorm"}
-            gradient, flat_adjoint = dataclasses.replace(gradient, **{names[k]: v for k, v in flat_adjoint.items()}), {}
-        elif flat_adjoint:
-            gradient = "adjoint" if not isinstance(gradient, Adjoint) else gradient
-    settings.update(flat_adjoint)
-    control = settings.pop("control", None)
-    flat_control = {k: settings.pop(k) for k in CONTROL_KEYS if k in settings}
-    probe = block_options(solver, None, "direct", {"backend": settings["backend"]})
-    if control is None and (isinstance(old.control, Adaptive) == probe.adaptive):
-        control = dataclasses.replace(old.control, **flat_control) if flat_control else old.control
-        flat_control = {}
-    settings.update(flat_control)
+    settings = {"backend": old.backend, "throw": old.throw, **kwargs}
+    gradient = settings.pop("gradient", None) or _kept_gradient(old.gradient, settings)
+    control = settings.pop("control", None) or _kept_control(old.control, solver, settings)
     return block_options(solver, control, gradient, settings)
+
+
+_ADJOINT_FIELDS = {"adjoint_rtol": "rtol", "adjoint_atol": "atol", "adjoint_seminorm": "seminorm"}
+
+
+def _kept_gradient(old, settings: dict):
+    """The old gradient method, with the `adjoint_*` settings of `settings` (taken out of it) applied."""
+    flat = {k: settings.pop(k) for k in ADJOINT_KEYS if k in settings}
+    if not flat:
+        return old
+    if not isinstance(old, Adjoint):
+        raise ValueError(
+            f"{', '.join(flat)} apply to the adjoint, but this block's gradient method is {old!r}; pass "
+            "gradient='adjoint' (or odenet.Adjoint(...)) as well."
+        )
+    return dataclasses.replace(old, **{_ADJOINT_FIELDS[k]: v for k, v in flat.items()})
+
+
+def _kept_control(old, solver, settings: dict):
+    """The old step control with the flat settings applied, where it is of the new solver's kind
+    (else `None`, and the flat settings stay in `settings` for the new solver's default)."""
+    flat = {k: settings.pop(k) for k in CONTROL_KEYS if k in settings}
+    adaptive = block_options(solver, None, "direct", {"backend": settings["backend"]}).adaptive
+    if isinstance(old, Adaptive) == adaptive and set(flat) <= {f.name for f in dataclasses.fields(old)}:
+        return dataclasses.replace(old, **flat)
+    settings.update(flat)
+    return None
 
 
 def _selector(select) -> Callable[[str, nn.Module], bool]:

@@ -339,3 +339,15 @@ def test_swapping_an_odeblock_keeps_what_the_call_does_not_pass():
     assert model[0].control == odenet.Adaptive(1e-6, 1e-5, max_steps=7)
     model = odenet.swap_blocks(model, solver="rk4")  # another kind of step control: rk4's default
     assert model[0].control == odenet.Fixed() and model[0].gradient == odenet.Adjoint()
+
+
+def test_swapping_keeps_settings_and_names_conflicts():
+    block = odenet.ODEBlock(odenet.MLPDynamics(2, 8), "dopri5", gradient="adjoint", adjoint_seminorm=True)
+    new = odenet.swap_blocks(nn.Sequential(block), solver="dopri5", adjoint_rtol=1e-6)[0]
+    assert new.gradient == odenet.Adjoint(rtol=1e-6, seminorm=True)
+    direct = odenet.ODEBlock(odenet.MLPDynamics(2, 8), "dopri5")
+    with pytest.raises(ValueError, match="adjoint_rtol apply to the adjoint, but this block's gradient method is Direct"):
+        odenet.swap_blocks(nn.Sequential(direct), solver="dopri5", adjoint_rtol=1e-6)
+    with pytest.raises(ValueError, match="steps= was given, but solver 'dopri5' is adaptive"):
+        odenet.swap_blocks(nn.Sequential(direct), solver="dopri5", steps=3)
+    assert odenet.swap_blocks(nn.Sequential(direct), solver="rk4", steps=3)[0].control == odenet.Fixed(steps=3)
