@@ -110,7 +110,7 @@ def _torchdiffeq_keywords(ts: List[float], opts: SolveOptions, f, adjoint_params
     kw = dict(method=opts.solver, options={})
     if isinstance(control, Adaptive):
         kw.update(rtol=control.rtol, atol=control.atol)
-        kw["options"]["max_num_steps"] = control.max_steps
+        kw["options"]["max_num_steps"] = _torchdiffeq_step_limit(control, ts)
         if control.first_step is not None:
             kw["options"]["first_step"] = control.first_step
     elif control.steps is not None or control.step_size is not None:
@@ -123,6 +123,12 @@ def _torchdiffeq_keywords(ts: List[float], opts: SolveOptions, f, adjoint_params
         if gradient.seminorm:
             kw["adjoint_options"] = dict(norm="seminorm")
     return kw
+
+
+def _torchdiffeq_step_limit(control: Adaptive, ts: List[float]) -> int:
+    """torchdiffeq's `max_num_steps` (per output interval): the one given, or odenet's default limit
+    for the whole span with the lowest error order among its adaptive methods (2: the largest)."""
+    return control.step_limit(ts[-1] - ts[0], error_order=2)
 
 
 def _solve_torchdiffeq(f, y0: Tensor, t_tensor: Tensor, ts: List[float], opts: SolveOptions, adjoint_params,
@@ -145,7 +151,7 @@ def _solve_torchdiffeq(f, y0: Tensor, t_tensor: Tensor, ts: List[float], opts: S
             status = Status.STEP_UNDERFLOW
         else:
             raise
-        max_steps = opts.control.max_steps if opts.adaptive else 0
+        max_steps = _torchdiffeq_step_limit(opts.control, ts) if opts.adaptive else 0
         message = f"torchdiffeq: {text}. " + status.message(max_steps=max_steps)
         ys = torch.full((len(ts), *y0.shape), float("nan"), dtype=y0.dtype, device=y0.device)
     finally:

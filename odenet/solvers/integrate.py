@@ -187,11 +187,12 @@ class LoopResult(NamedTuple):
     h: float
     records: Optional[List[StepRecord]]
     steps: List[StepInfo]
+    max_steps: Optional[int] = None  # the step limit in force (adaptive solves)
 
     def message(self, control: Union[Fixed, Adaptive]) -> str:
         """The status message, with the limits of `control` filled in."""
         if isinstance(control, Adaptive):
-            return self.status.message(self.t, self.h, control.max_steps, control.min_step)
+            return self.status.message(self.t, self.h, self.max_steps, control.min_step)
         return self.status.message(self.t, self.h, fixed=True)
 
 
@@ -259,8 +260,11 @@ def integrate(
     gradients). Never raises on solver failure: the status says what happened, and outputs
     not reached are NaN. Returns a `LoopResult(ys, status, t, h, records, steps)`.
     """
+    limit = None
     if solver.adaptive:
-        res = _adaptive_loop(f, y0, ts, solver, stats, control or _DEFAULT_ADAPTIVE, norm, record)
+        control = control or _DEFAULT_ADAPTIVE
+        limit = control.step_limit(ts[-1] - ts[0], solver.tableau.error_order)
+        res = _adaptive_loop(f, y0, ts, solver, stats, control, limit, norm, record)
     else:
         grid = tuple(grid if grid is not None else (control or _DEFAULT_FIXED).grid(ts))
         if len(grid) < 2 or grid[0] != ts[0] or grid[-1] != ts[-1]:
@@ -274,7 +278,7 @@ def integrate(
     if status is not Status.SUCCESS:
         nan = torch.full_like(y0, float("nan"))
         outputs = [o if o is not None else nan for o in outputs]
-    return LoopResult(outputs, status, t, h, records, log)
+    return LoopResult(outputs, status, t, h, records, log, limit)
 
 
 def _emit(solver: ExplicitRK, outputs: list, ts: Sequence[float], nxt: int, direction: float, t: float, h: float,
@@ -352,9 +356,9 @@ def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: S
 
 
 def _adaptive_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: SolveStats, control: Adaptive,
-                   norm: Callable[[Tensor], Tensor], record: bool):
+                   max_steps: int, norm: Callable[[Tensor], Tensor], record: bool):
     """Steps chosen by the error estimate and the controller: one host read per attempted step."""
-    rtol, atol, min_step, max_steps = control.rtol, control.atol, control.min_step, control.max_steps
+    rtol, atol, min_step = control.rtol, control.atol, control.min_step
     controller = control.controller or _DEFAULT_CONTROLLER
     n_out = len(ts)
     outputs: List[Optional[Tensor]] = [None] * n_out
