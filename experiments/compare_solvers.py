@@ -98,7 +98,7 @@ class Settings:
 QUICK = dict(epochs=3, seeds=(0,), euler_steps=(1, 2, 4, 6, 12, 24), rk4_steps=(1, 2, 4), dopri5_tols=(1e-1, 1e-3, 1e-5))
 
 SPEC_KEYS = {
-    "solver": "solver name (euler, midpoint, heun, rk4, bosh3, dopri5, tsit5)",
+    "solver": "solver name (euler, midpoint, heun, rk4, bosh3, dopri5, tsit5, dopri8)",
     "steps": "fixed-step solvers: number of steps",
     "rtol": "adaptive solvers: relative tolerance",
     "atol": "adaptive solvers: absolute tolerance",

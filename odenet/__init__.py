@@ -19,7 +19,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
-#: Names accepted as ``solver=`` (fixed-step: euler, midpoint, heun, rk4; adaptive: bosh3, dopri5, tsit5).
+#: Names accepted as ``solver=`` (fixed-step: euler, midpoint, heun, rk4; adaptive: bosh3, dopri5, tsit5, dopri8).
 SOLVERS = tuple(solvers.SOLVERS)
 
 __all__ = [

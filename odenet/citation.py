@@ -132,6 +132,20 @@ _ENTRIES: Dict[str, Tuple[str, str]] = {
         "  doi     = {10.1016/j.camwa.2011.06.002}\n"
         "}",
     ),
+    "hairer1993": (
+        "the Dormand–Prince 8(5,3) method DOP853 (dopri8)",
+        "@book{hairer1993,\n"
+        "  author    = {Hairer, Ernst and N{\\o}rsett, Syvert P. and Wanner, Gerhard},\n"
+        "  title     = {Solving Ordinary Differential Equations {I}: Nonstiff Problems},\n"
+        "  edition   = {2},\n"
+        "  series    = {Springer Series in Computational Mathematics},\n"
+        "  volume    = {8},\n"
+        "  publisher = {Springer},\n"
+        "  address   = {Berlin},\n"
+        "  year      = {1993},\n"
+        "  doi       = {10.1007/978-3-540-78862-1}\n"
+        "}",
+    ),
     "gustafsson1991": (
         "the PI step-size controller (Gustafsson 1991)",
         "@article{gustafsson1991,\n"
@@ -222,6 +236,7 @@ _TABLEAU_KEYS: Dict[str, Tuple[str, ...]] = {
     "bosh3": ("bogacki1989",),
     "dopri5": ("dormand1980", "shampine1986"),
     "tsit5": ("tsitouras2011",),
+    "dopri8": ("hairer1993",),
 }
 
 # Method names accepted by the torchdiffeq backend that map onto a built-in tableau.

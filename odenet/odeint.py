@@ -192,7 +192,7 @@ def odeint(
     - `t`: output times, strictly increasing or strictly decreasing, at least two; a 1-D tensor
       or a sequence of numbers. Gradients flow to `t` if it is a tensor that requires grad.
     - `solver`: a name from `odenet.SOLVERS` (`euler`, `midpoint`, `heun`, `rk4` take fixed steps;
-      `bosh3`, `dopri5`, `tsit5` are adaptive) or a solver object such as `odenet.solvers.Dopri5()`.
+      `bosh3`, `dopri5`, `tsit5`, `dopri8` are adaptive) or a solver object such as `odenet.solvers.Dopri5()`.
     - `control`: `odenet.Fixed(steps=..., step_size=...)` for a fixed-step solver (default: one
       step per interval of `t`), `odenet.Adaptive(rtol, atol, ...)` for an adaptive one
       (default: `rtol=1e-7, atol=1e-9`, as in torchdiffeq).

@@ -3,7 +3,7 @@
 from .control import Adaptive, Fixed
 from .controller import PIController
 from .integrate import integrate
-from .rk import RK4, SOLVERS, Bosh3, Dopri5, Euler, ExplicitRK, Heun, Midpoint, Tsit5, get_solver
+from .rk import RK4, SOLVERS, Bosh3, Dopri5, Dopri8, Euler, ExplicitRK, Heun, Midpoint, Tsit5, get_solver
 from .stats import SolveStats
 from .status import SolverError, Status
 from .tableau import ButcherTableau
@@ -18,6 +18,7 @@ __all__ = [
     "Bosh3",
     "Dopri5",
     "Tsit5",
+    "Dopri8",
     "SOLVERS",
     "get_solver",
     "PIController",

@@ -106,7 +106,7 @@ class Fixed(Option):
 
 @dataclass(frozen=True, repr=False)
 class Adaptive(Option):
-    """Adaptive steps under error control, for the embedded solvers (`bosh3`, `dopri5`, `tsit5`).
+    """Adaptive steps under error control, for the embedded solvers (`bosh3`, `dopri5`, `tsit5`, `dopri8`).
 
     A step is accepted when the RMS norm of its error estimate, scaled by
     `atol + rtol·max(|y0|, |y1|)`, is at most 1; `controller` then proposes the next step.

@@ -7,7 +7,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .tableau import BOSH3, DOPRI5, EULER, HEUN, MIDPOINT, TSIT5, ButcherTableau
+from .tableau import BOSH3, DOPRI5, DOPRI8, EULER, HEUN, MIDPOINT, TSIT5, ButcherTableau
 from .tableau import RK4 as _RK4_TABLEAU
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "Bosh3",
     "Dopri5",
     "Tsit5",
+    "Dopri8",
     "SOLVERS",
     "get_solver",
 ]
@@ -72,8 +73,8 @@ class StepResult(NamedTuple):
 class ExplicitRK:
     """An explicit Runge–Kutta solver for any `ButcherTableau`; the base of the built-in solvers.
 
-    The built-in classes (`Euler`, `Midpoint`, `Heun`, `RK4`, `Bosh3`, `Dopri5`, `Tsit5`) fix the
-    tableau and take only `adaptive`; each names its reference (in full: `TABLEAU.reference`).
+    The built-in classes (`Euler`, `Midpoint`, `Heun`, `RK4`, `Bosh3`, `Dopri5`, `Tsit5`, `Dopri8`)
+    fix the tableau and take only `adaptive`; each names its reference (in full: `TABLEAU.reference`).
     Solvers hold no parameters and no per-solve state.
 
     **Arguments:**
@@ -239,6 +240,13 @@ class Tsit5(_NamedRK):
     TABLEAU = TSIT5
 
 
+class Dopri8(_NamedRK):
+    """Dormand–Prince 8(5,3) (DOP853), adaptive, FSAL; steps controlled by its 5th-order estimate,
+    6th-order dense output on its own stages (Hairer, Nørsett & Wanner 1993)."""
+
+    TABLEAU = DOPRI8
+
+
 #: Solver names accepted as ``solver=``, mapped to their classes.
 SOLVERS = {
     "euler": Euler,
@@ -248,6 +256,7 @@ SOLVERS = {
     "bosh3": Bosh3,
     "dopri5": Dopri5,
     "tsit5": Tsit5,
+    "dopri8": Dopri8,
 }
 
 
