@@ -159,8 +159,8 @@ def test_decreasing_times(name, linear_problem):
 
 def test_dopri8_fewer_evaluations_than_dopri5_at_tight_tolerance():
     """At rtol = atol = 1e-10 over a long span (float64 spiral, t in [0, 25]) dopri8 needs clearly
-    fewer evaluations than dopri5 (measured: 4082 against 6800) and is the more accurate of the
-    two (errors 1.6e-13 and 4.8e-10 against matrix_exp)."""
+    fewer evaluations than dopri5 (measured: 1730 against 6800) and is the more accurate of the
+    two (errors 1.4e-10 and 4.8e-10 against matrix_exp)."""
     a = torch.tensor(A_SPIRAL, dtype=torch.float64)
     y0 = torch.tensor([2.0, 0.0], dtype=torch.float64)
     exact = y0 @ torch.linalg.matrix_exp(25.0 * a).T
@@ -168,8 +168,29 @@ def test_dopri8_fewer_evaluations_than_dopri5_at_tight_tolerance():
     for name in ("dopri5", "dopri8"):
         sol = odenet.odeint(lambda t, y: y @ a.T, y0, [0.0, 25.0], solver=name, rtol=1e-10, atol=1e-10)
         nfe[name], err[name] = sol.stats.nfe_forward, (sol.ys[-1] - exact).abs().max().item()
-    assert nfe["dopri8"] < 0.7 * nfe["dopri5"], nfe
+    assert nfe["dopri8"] < 0.5 * nfe["dopri5"], nfe
     assert err["dopri8"] < err["dopri5"] < 5e-9, err
+
+
+@pytest.mark.parametrize("e", [0.0, 0.6])
+def test_dopri8_fewer_evaluations_on_two_body_orbits(e):
+    """Kepler orbits (eccentricity 0 and 0.6, three and five periods) at rtol = atol = 1e-10:
+    with DOP853's blended error estimate dopri8 needs well under dopri5's evaluations at a
+    comparable error (measured: 974 against 2660, and 3062 against 5882)."""
+    y0 = torch.tensor([1 - e, 0.0, 0.0, math.sqrt((1 + e) / (1 - e))], dtype=torch.float64)
+    span = [0.0, (5 if e else 3) * 2 * math.pi]
+
+    def kepler(t, y):
+        r = y[:2]
+        return torch.cat([y[2:], -r / (r * r).sum() ** 1.5])
+
+    exact = odenet.odeint(kepler, y0, span, solver="dopri5", rtol=1e-13, atol=1e-13).ys[-1]
+    nfe, err = {}, {}
+    for name in ("dopri5", "dopri8"):
+        sol = odenet.odeint(kepler, y0, span, solver=name, rtol=1e-10, atol=1e-10)
+        nfe[name], err[name] = sol.stats.nfe_forward, (sol.ys[-1] - exact).abs().max().item()
+    assert nfe["dopri8"] < 0.6 * nfe["dopri5"], nfe
+    assert err["dopri8"] < 2 * err["dopri5"], err
 
 
 @pytest.mark.parametrize("name", ["euler", "midpoint", "rk4", "bosh3", "dopri5", "dopri8"])

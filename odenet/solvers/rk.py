@@ -68,6 +68,7 @@ class StepResult(NamedTuple):
     error: Optional[Tensor]
     ks: List[Tensor]
     k_next: Optional[Tensor]
+    error_low: Optional[Tensor] = None  # a second, lower-order estimate (`tableau.b_err_low`), or None
 
 
 class ExplicitRK:
@@ -110,6 +111,7 @@ class ExplicitRK:
         self._rows = tuple(_nonzero(r) for r in tableau.a)
         self._b = _nonzero(tableau.b)
         self._err = _nonzero(tableau.b_err) if tableau.b_err is not None else ()
+        self._err_low = _nonzero(tableau.b_err_low) if tableau.b_err_low is not None else ()
         self._dense = tableau.dense
 
     # ------------------------------------------------------------------ properties
@@ -175,6 +177,8 @@ class ExplicitRK:
         if with_error and self.adaptive and self._err:
             # Only step-size control reads it; never differentiated.
             error = without_grad(_lincomb, h, self._err, ks)
+            if self._err_low:
+                return StepResult(y1, error, ks, k_next, without_grad(_lincomb, h, self._err_low, ks))
         return StepResult(y1, error, ks, k_next)
 
     def interpolate(self, y0: Tensor, h: float, ks: List[Tensor], theta: float) -> Tensor:

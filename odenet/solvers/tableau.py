@@ -43,6 +43,9 @@ class ButcherTableau:
     - `order`: order of the solution.
     - `b_err`, `embedded_order`: error weights `b - b_embedded` and order of an embedded
       method; with them the method can run adaptively.
+    - `b_err_low`, `low_order`: optionally a second, lower-order embedded method's error
+      weights and order; the step is then controlled by the blend `a² / sqrt(a² + 0.01 b²)` of
+      the two scaled error norms (`a` of `b_err`, `b` of `b_err_low`), as in DOP853.
     - `dense`: per-stage coefficients of the continuous extension (default: linear, `θ b_i`).
     - `reference`: where the method comes from (printed by `odenet.citation`).
 
@@ -66,6 +69,8 @@ class ButcherTableau:
     order: int
     b_err: Optional[Row] = None
     embedded_order: Optional[int] = None
+    b_err_low: Optional[Row] = None
+    low_order: Optional[int] = None
     dense: Optional[Tuple[Row, ...]] = None
     reference: str = ""
     fsal: bool = field(init=False)
@@ -77,6 +82,8 @@ class ButcherTableau:
         object.__setattr__(self, "b", _tuple(self.b))
         if self.b_err is not None:
             object.__setattr__(self, "b_err", _tuple(self.b_err))
+        if self.b_err_low is not None:
+            object.__setattr__(self, "b_err_low", _tuple(self.b_err_low))
         if self.dense is None:
             object.__setattr__(self, "dense", tuple((bi,) for bi in self.b))
         else:
@@ -108,6 +115,11 @@ class ButcherTableau:
                 bad(f"error weights `b_err` must sum to 0 (b and the embedded weights both sum to 1), got {sum(self.b_err)}.")
             if self.embedded_order is None:
                 bad("`embedded_order` is required when `b_err` is given.")
+        if self.b_err_low is not None:
+            if self.b_err is None or self.low_order is None or len(self.b_err_low) != s:
+                bad("`b_err_low` needs `b_err`, `low_order` and one entry per stage.")
+            if abs(sum(self.b_err_low)) > 1e-10:
+                bad(f"error weights `b_err_low` must sum to 0, got {sum(self.b_err_low)}.")
         if len(self.dense) != s:
             bad(f"`dense` has {len(self.dense)} rows for {s} stages.")
         for i, row in enumerate(self.dense):
@@ -128,9 +140,13 @@ class ButcherTableau:
 
     @property
     def error_order(self) -> int:
-        """Order `q` of the error estimate, `min(order, embedded_order)`."""
+        """Order `q` of the error estimate, `min(order, embedded_order)`; for a blend of estimates
+        of orders p (`embedded_order`) and r (`low_order`), which shrinks like h^(2(p+1) - (r+1)),
+        that power less one."""
         if self.embedded_order is None:
             return self.order
+        if self.b_err_low is not None:
+            return min(self.order, 2 * (self.embedded_order + 1) - (self.low_order + 1) - 1)
         return min(self.order, self.embedded_order)
 
     def dense_weights(self, theta: float) -> Tuple[float, ...]:
@@ -417,18 +433,20 @@ _D8_A = (
      6.43392746015763530355970484046e-1),
     _D8_B[:12],
 )
-# Error estimate. dop853.f blends two: err5 = h Σ er_i k_i (y1 minus a 5th-order solution) and
-# err3 (minus a 3rd-order one), as |err5|² / sqrt(|err5|² + 0.01 |err3|²) of the *scaled* norms,
-# which shrinks like h^8. The generic step returns one error vector, scaled afterwards by the loop,
-# so the nonlinear blend cannot be expressed; we keep err5 alone (embedded_order=5: the controller
-# uses exponent 1/6). It is the more cautious estimate: at equal tolerance steps are smaller and the
-# solution more accurate than dop853.f's. (torchdiffeq's "dopri8" is another method, RK8(7)13M.)
+# Error estimate, as dop853.f: err5 = h Σ er_i k_i (y1 minus a 5th-order solution) and err3 = h Σ
+# (b_i - bhh_i) k_i (minus a 3rd-order one, bhh at dop853.f's stages 1, 9 and 12), blended by the
+# loop as |err5|² / sqrt(|err5|² + 0.01 |err3|²) of the scaled norms, which shrinks like h^8
+# (error order 7: the controller's exponent is 1/8, as dop853.f's). (torchdiffeq's "dopri8" is
+# another method, RK8(7)13M.)
 _D8_ERR5 = (
     0.1312004499419488073250102996e-01, 0.0, 0.0, 0.0, 0.0, -0.1225156446376204440720569753e+01,
     -0.4957589496572501915214079952, 0.1664377182454986536961530415e+01,
     -0.3503288487499736816886487290, 0.3341791187130174790297318841,
     0.8192320648511571246570742613e-01, -0.2235530786388629525884427845e-01, 0.0,
 )
+_D8_BHH = {0: 0.244094488188976377952755905512, 8: 0.733846688281611857341361741547,
+           11: 0.220588235294117647058823529412e-01}
+_D8_ERR3 = tuple(bi - _D8_BHH.get(i, 0.0) for i, bi in enumerate(_D8_B))
 # Dense output. dop853.f's 7th-order continuous extension needs three more evaluations of f per
 # step (its stages 14-16), which a tableau's per-stage polynomials cannot express. This one uses
 # only the 13 stages above: b_i(θ) (degree 7, b_i(1) = b_i) satisfies every order condition of a
@@ -470,6 +488,8 @@ DOPRI8 = ButcherTableau(
     b_err=_D8_ERR5,
     order=8,
     embedded_order=5,
+    b_err_low=_D8_ERR3,
+    low_order=3,
     dense=_D8_DENSE,
     reference="E. Hairer, S. P. Nørsett and G. Wanner, Solving Ordinary Differential Equations I: "
     "Nonstiff Problems, 2nd ed., Springer, 1993 (method DOP853 of Dormand and Prince, "
