@@ -45,3 +45,49 @@ def test_derived_limit_is_in_the_failure_message_and_still_ends_a_solve():
     limit = odenet.Adaptive(1e-3, 1e-3).step_limit(10.0, 2)
     assert sol.status is odenet.Status.MAX_STEPS and f"max_steps={limit}" in sol.message
     assert sol.stats.n_accepted + sol.stats.n_rejected == limit
+
+
+def _batch_with_one_hard_sample():
+    rates = torch.ones(16, 1, dtype=torch.float64)
+    rates[0] = 40.0  # one fast sample
+
+    def f(t, y):
+        return -rates * y + torch.cos(rates * t)
+
+    return f, torch.ones(16, 1, dtype=torch.float64)
+
+
+def test_error_norm_option():
+    """`norm=` picks the error norm: RMS over the batch (default), max, or a callable. Under the
+    max norm the hard sample sets the steps alone; RMS dilutes it over the batch (fewer steps)."""
+    f, y0 = _batch_with_one_hard_sample()
+    steps = {}
+    for norm in ("rms", "max"):
+        sol = odenet.odeint(f, y0, [0.0, 2.0], control=odenet.Adaptive(1e-6, 1e-8, norm=norm))
+        steps[norm] = sol.stats.n_accepted + sol.stats.n_rejected
+    assert steps["max"] > steps["rms"]
+    calls = []
+
+    def my_max(x):
+        calls.append(x.shape)
+        return x.abs().max()
+
+    sol = odenet.odeint(f, y0, [0.0, 2.0], rtol=1e-6, atol=1e-8, norm=my_max)  # the shorthand builds the same
+    assert calls and sol.stats.n_accepted + sol.stats.n_rejected == steps["max"]
+    assert odenet.Adaptive(1e-3, 1e-3, norm="max") != odenet.Adaptive(1e-3, 1e-3)
+    with pytest.raises(ValueError, match="norm must be one of \\('rms', 'max'\\).*got 'l2'"):
+        odenet.Adaptive(1e-3, 1e-3, norm="l2")
+    with pytest.raises(TypeError, match="norm must be one of.*int"):
+        odenet.Adaptive(1e-3, 1e-3, norm=2)
+    with pytest.raises(ValueError, match="norm= was given, but solver 'rk4' takes fixed steps"):
+        odenet.odeint(f, y0, [0.0, 1.0], solver="rk4", norm="max")
+
+
+def test_max_norm_agrees_with_torchdiffeq_given_the_same_norm():
+    import torchdiffeq
+
+    f, y0 = _batch_with_one_hard_sample()
+    t = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+    ours = odenet.odeint(f, y0, t, rtol=1e-8, atol=1e-10, norm="max").ys
+    theirs = torchdiffeq.odeint(f, y0, t, rtol=1e-8, atol=1e-10, options=dict(norm=lambda x: x.abs().max()))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-7)

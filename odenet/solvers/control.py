@@ -6,11 +6,28 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
 
 from .controller import PIController
 
-__all__ = ["Fixed", "Adaptive", "Option", "positive", "positive_int"]
+__all__ = ["Fixed", "Adaptive", "Option", "positive", "positive_int", "rms_norm", "max_norm", "NORMS"]
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    """Root-mean-square over all elements (the batch is one state)."""
+    return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
+
+
+def max_norm(x: Tensor) -> Tensor:
+    """The largest magnitude over all elements (0 for an empty state)."""
+    return torch.linalg.vector_norm(x, ord=math.inf) if x.numel() else x.new_zeros(())
+
+
+#: The error norms `Adaptive(norm=...)` takes by name.
+NORMS = {"rms": rms_norm, "max": max_norm}
 
 
 class Option:
@@ -124,6 +141,9 @@ class Adaptive(Option):
       tolerance, the span and the method (`step_limit`), at least 10,000, so a solve that
       tight tolerances make long still ends, and one that never can stops.
     - `controller`: an `odenet.solvers.PIController` (default: `PIController()`).
+    - `norm`: the norm of the scaled error, `"rms"` over all elements (default, as torchdiffeq),
+      `"max"`, or a callable `norm(x) -> 0-dim tensor`. The batch shares its steps, so under
+      any norm the hardest sample sets them.
 
     **Raises:** `TypeError`/`ValueError` for a non-positive or non-numeric value, a
     `controller` that is not a `PIController`, or `first_step < min_step`.
@@ -142,17 +162,26 @@ class Adaptive(Option):
     min_step: Optional[float] = None
     max_steps: Optional[int] = None
     controller: Optional[PIController] = None
+    norm: Union[str, Callable[[Tensor], Tensor]] = "rms"
 
     def __post_init__(self):
         _normalise(self, _required, ("rtol", "atol"))
         _normalise(self, positive, ("first_step", "min_step"))
         _normalise(self, positive_int, ("max_steps",))
+        if isinstance(self.norm, str) and self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {tuple(NORMS)} or a callable norm(x) -> 0-dim tensor, got {self.norm!r}.")
+        if not (isinstance(self.norm, str) or callable(self.norm)):
+            raise TypeError(f"norm must be one of {tuple(NORMS)} or a callable, got {type(self.norm).__name__}.")
         if self.controller is not None and not isinstance(self.controller, PIController):
             raise TypeError(f"controller must be an odenet.solvers.PIController, got {type(self.controller).__name__}.")
         if self.min_step is not None and self.first_step is not None and self.first_step < self.min_step:
             raise ValueError(
                 f"first_step={self.first_step} is below min_step={self.min_step}; lower min_step or raise first_step."
             )
+
+    def error_norm(self) -> Callable[[Tensor], Tensor]:
+        """The norm as a function."""
+        return NORMS[self.norm] if isinstance(self.norm, str) else self.norm
 
     def step_limit(self, span: float, error_order: int) -> int:
         """`max_steps`, or when it is `None` the default limit for a solve over `span` by a method

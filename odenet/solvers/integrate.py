@@ -20,7 +20,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .control import Adaptive, Fixed
+from .control import Adaptive, Fixed, rms_norm
 from .controller import PIController
 from .field import FieldScope
 from .rk import ExplicitRK, without_grad
@@ -36,9 +36,6 @@ _DEFAULT_ADAPTIVE = Adaptive(rtol=1e-7, atol=1e-9)
 _DEFAULT_FIXED = Fixed()
 
 
-def rms_norm(x: Tensor) -> Tensor:
-    """Root-mean-square over all elements (the batch is one state)."""
-    return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
 
 
 def _autocast_takes_device() -> bool:
@@ -247,7 +244,7 @@ def integrate(
     *,
     stats: SolveStats,
     grid: Optional[Sequence[float]] = None,
-    norm: Callable[[Tensor], Tensor] = rms_norm,
+    norm: Optional[Callable[[Tensor], Tensor]] = None,
     record: bool = False,
 ) -> LoopResult:
     """Integrate `dy/dt = f(t, y)` from `ts[0]` and return the state at every time in `ts`.
@@ -256,7 +253,7 @@ def integrate(
     gradients). `ts` must be strictly monotone floats. A fixed-step solver steps along `grid`
     (default: `control.grid(ts)`, with `control` a `Fixed`); an adaptive one is controlled by
     `control`, an `Adaptive` (default: `rtol=1e-7, atol=1e-9`), measuring the scaled error
-    with `norm`. `record` keeps every accepted step's start state (for checkpointed
+    with `norm` (default: `control.norm`). `record` keeps every accepted step's start state (for checkpointed
     gradients). Never raises on solver failure: the status says what happened, and outputs
     not reached are NaN. Returns a `LoopResult(ys, status, t, h, records, steps)`.
     """
@@ -264,7 +261,7 @@ def integrate(
     if solver.adaptive:
         control = control or _DEFAULT_ADAPTIVE
         limit = control.step_limit(ts[-1] - ts[0], solver.tableau.error_order)
-        res = _adaptive_loop(f, y0, ts, solver, stats, control, limit, norm, record)
+        res = _adaptive_loop(f, y0, ts, solver, stats, control, limit, norm or control.error_norm(), record)
     else:
         grid = tuple(grid if grid is not None else (control or _DEFAULT_FIXED).grid(ts))
         if len(grid) < 2 or grid[0] != ts[0] or grid[-1] != ts[-1]:
