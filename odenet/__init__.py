@@ -13,6 +13,7 @@ from .dynamics import ConvDynamics, MLPDynamics
 from .odeint import odeint
 from .solution import Solution, SolveStats, SolverError, Status
 from .citation import citation
+from . import compat
 
 try:
     __version__ = _version("odenet")
@@ -47,4 +48,5 @@ __all__ = [
     "plotting",
     "measure",
     "citation",
+    "compat",
 ]

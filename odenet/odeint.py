@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -16,15 +17,25 @@ from .solvers.integrate import CountedFunc, autocast_dtype
 from .solvers.rk import ExplicitRK
 from .solvers.stats import SolveStats
 from .solvers.status import SolverError, Status
+from .tree import LeafTolerances, TreeFunc, TreeSpec, split_tolerances, structured_norm, structured_options
 
 __all__ = ["odeint", "solve_with_options"]
+
+# torchdiffeq's keywords that `odeint` spells differently, with what to write instead.
+_TORCHDIFFEQ_KEYWORDS = {
+    "method": "solver=",
+    "options": "control=odenet.Fixed(...)/odenet.Adaptive(...) or the flat step_size=, first_step=, max_steps=",
+    "tol": "rtol= and atol=",
+    "adjoint_method": "solver= (the adjoint's backward solve uses the forward's solver)",
+    "adjoint_options": "gradient=odenet.Adjoint(rtol=..., atol=..., seminorm=...)",
+}
 
 
 def _check_inputs(f, y0, t) -> Tuple[Tensor, List[float]]:
     if not callable(f):
         raise TypeError(f"f must be callable as f(t, y), got {type(f).__name__}.")
     if not isinstance(y0, Tensor):
-        raise TypeError(f"y0 must be a torch.Tensor, got {type(y0).__name__}.")
+        raise TypeError(f"y0 must be a torch.Tensor, or a tuple, list or dict of them, got {type(y0).__name__}.")
     if not y0.is_floating_point():
         raise TypeError(f"y0 must be a floating-point tensor, got dtype {y0.dtype}; use y0.float() or y0.double().")
     if isinstance(t, Tensor):
@@ -41,8 +52,8 @@ def _check_inputs(f, y0, t) -> Tuple[Tensor, List[float]]:
         if t_tensor.dim() != 1:
             raise ValueError(f"t must be a flat sequence of times, got shape {tuple(t_tensor.shape)}.")
     ts = t_tensor.detach().tolist()  # Python floats (exact for every floating dtype); one host read
-    if len(ts) < 2:
-        raise ValueError(f"t needs at least two times (start and end), got {ts}.")
+    if not ts:
+        raise ValueError("t needs at least one time (the start; one time alone returns y0), got none.")
     if not all(math.isfinite(x) for x in ts):
         raise ValueError(f"t must be finite, got {ts}.")
     d = [b - a for a, b in zip(ts, ts[1:])]
@@ -77,8 +88,25 @@ def _inputs(f, adjoint_params, context: Optional[dict]) -> Tuple[Tensor, ...]:
     return params
 
 
+def _check_resolution(y0: Tensor, opts: SolveOptions, tol: Optional[LeafTolerances]) -> None:
+    """A half-precision state cannot meet a relative tolerance below its resolution: say so before solving."""
+    if y0.dtype not in (torch.float16, torch.bfloat16) or not opts.adaptive:
+        return
+    eps = torch.finfo(y0.dtype).eps
+    rtols = [("rtol", opts.control.rtol), *(("rtol", r) for r in (tol.rtol if tol and tol.rtol else ()))]
+    if isinstance(opts.gradient, Adjoint) and opts.gradient.rtol is not None:
+        rtols.append(("adjoint_rtol", opts.gradient.rtol))
+    for name, value in rtols:
+        if value < eps:
+            raise ValueError(
+                f"{name}={value:g} is below the resolution of the {y0.dtype} state (its epsilon is {eps:g}): no step "
+                f"can meet it, and the solve would end in ever smaller steps. Use {name} >= {eps:g}, or solve in "
+                "float32 (y0.float(), f.float()); under torch.autocast f still computes in half precision."
+            )
+
+
 def _finish(
-    opts: SolveOptions, t_tensor: Tensor, ys: Tensor, stats: SolveStats, status: Status, message: str, steps=()
+    opts: SolveOptions, t_tensor: Tensor, ys, stats: SolveStats, status: Status, message: str, steps=()
 ) -> Solution:
     sol = Solution(ts=t_tensor, ys=ys, stats=stats, status=status, message=message, steps=list(steps))
     if status is not Status.SUCCESS and opts.throw:
@@ -87,7 +115,7 @@ def _finish(
 
 
 def _solve_odenet(f, y0: Tensor, t_tensor: Tensor, ts: List[float], opts: SolveOptions, adjoint_params,
-                  context: Optional[dict]) -> Solution:
+                  context: Optional[dict]) -> tuple:
     fc = CountedFunc(f, SolveStats(), autocast_dtype(y0.device.type), context)
     params = () if isinstance(opts.gradient, Direct) else _inputs(f, adjoint_params, context)
 
@@ -101,15 +129,21 @@ def _solve_odenet(f, y0: Tensor, t_tensor: Tensor, ts: List[float], opts: SolveO
             ys, res = solve(y0)
     finally:
         fc.backward = True  # any later call of f is part of the backward pass
-    return _finish(opts, t_tensor, ys, fc.stats, res.status, res.message(opts.control), res.steps)
+    return ys, fc.stats, res.status, res.message(opts.control), res.steps
 
 
-def _torchdiffeq_keywords(ts: List[float], opts: SolveOptions, f, adjoint_params, context: Optional[dict]) -> dict:
-    """`odeint`'s or `odeint_adjoint`'s keywords in torchdiffeq for `opts`."""
+def _torchdiffeq_keywords(ts: List[float], opts: SolveOptions, f, adjoint_params, context: Optional[dict],
+                          y0: Tensor, spec: Optional[TreeSpec], tol: Optional[LeafTolerances]) -> dict:
+    """`odeint`'s or `odeint_adjoint`'s keywords in torchdiffeq for `opts` (and a state's structure)."""
     control, gradient = opts.control, opts.gradient
     kw = dict(method=opts.solver, options={})
     if isinstance(control, Adaptive):
         kw.update(rtol=control.rtol, atol=control.atol)
+        if spec is not None:
+            kw["options"]["norm"] = structured_norm(control.norm, spec)
+            kw["rtol"], kw["atol"] = (tol or LeafTolerances()).vectors(spec, y0, control.rtol, control.atol)
+        elif control.norm != "rms":
+            kw["options"]["norm"] = control.error_norm()
         kw["options"]["max_num_steps"] = _torchdiffeq_step_limit(control, ts)
         if control.first_step is not None:
             kw["options"]["first_step"] = control.first_step
@@ -131,42 +165,76 @@ def _torchdiffeq_step_limit(control: Adaptive, ts: List[float]) -> int:
     return control.step_limit(ts[-1] - ts[0], error_order=2)
 
 
+def _torchdiffeq_status(text: str) -> Optional[Status]:
+    """The status of torchdiffeq's failure `text`, or None. A non-finite error ratio makes
+    torchdiffeq replace the step by `min_step` (0 here) and fail as "underflow in dt 0.0"."""
+    if "max_num_steps" in text:
+        return Status.MAX_STEPS
+    dt = re.search(r"underflow in dt (\S+)", text)
+    if "non-finite" in text or (dt and not _positive_number(dt.group(1))):
+        return Status.NONFINITE
+    return Status.STEP_UNDERFLOW if dt else None
+
+
+def _positive_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
 def _solve_torchdiffeq(f, y0: Tensor, t_tensor: Tensor, ts: List[float], opts: SolveOptions, adjoint_params,
-                      context: Optional[dict]) -> Solution:
+                      context: Optional[dict], spec: Optional[TreeSpec], tol: Optional[LeafTolerances]) -> tuple:
     import torchdiffeq
 
     stats = SolveStats(n_accepted=None, n_rejected=None)
     fc = CountedFunc(f, stats, autocast_dtype(y0.device.type), context)
     t_in = t_tensor.to(device=y0.device, dtype=y0.dtype)
-    kw = _torchdiffeq_keywords(ts, opts, f, adjoint_params, context)
+    kw = _torchdiffeq_keywords(ts, opts, f, adjoint_params, context, y0, spec, tol)
     solve = torchdiffeq.odeint_adjoint if isinstance(opts.gradient, Adjoint) else torchdiffeq.odeint
     try:
         ys = solve(fc, y0, t_in, **kw)
         status, message = Status.SUCCESS, Status.SUCCESS.message()
+        if not bool(torch.isfinite(ys[-1]).all()):  # a fixed-step solve does not check
+            status, message = Status.NONFINITE, Status.NONFINITE.message(fixed=not opts.adaptive)
     except AssertionError as err:
         text = str(err)
-        if "max_num_steps" in text:
-            status = Status.MAX_STEPS
-        elif "underflow" in text:
-            status = Status.STEP_UNDERFLOW
-        else:
+        status = _torchdiffeq_status(text)
+        if status is None:
             raise
         max_steps = _torchdiffeq_step_limit(opts.control, ts) if opts.adaptive else 0
         message = f"torchdiffeq: {text}. " + status.message(max_steps=max_steps)
         ys = torch.full((len(ts), *y0.shape), float("nan"), dtype=y0.dtype, device=y0.device)
     finally:
         fc.backward = True
-    return _finish(opts, t_tensor, ys, stats, status, message)
+    return ys, stats, status, message, ()
 
 
-def solve_with_options(f, y0, t, opts: SolveOptions, adjoint_params=None, context: Optional[dict] = None) -> Solution:
+def solve_with_options(f, y0, t, opts: SolveOptions, adjoint_params=None, context: Optional[dict] = None,
+                       tol: Optional[LeafTolerances] = None) -> Solution:
     """Run a solve with already built :class:`SolveOptions` (what blocks call). With `context`, a
     dict, `f` is called as `f(t, y, **context)`; with `Adjoint`/`Checkpoint`, its tensors that
-    require grad are differentiated along with `f`'s parameters."""
+    require grad are differentiated along with `f`'s parameters. `y0` may be a tuple, list or
+    dict of tensors (`tol`: its per-leaf tolerances, `odenet.tree.LeafTolerances`)."""
+    spec = None
+    if isinstance(y0, (tuple, list, dict)):
+        spec = TreeSpec.of(y0)
+        f = TreeFunc(f, spec) if callable(f) else f
+        y0 = spec.flatten(y0)
     t_tensor, ts = _check_inputs(f, y0, t)
-    if opts.backend == "torchdiffeq":
-        return _solve_torchdiffeq(f, y0, t_tensor, ts, opts, adjoint_params, context)
-    return _solve_odenet(f, y0, t_tensor, ts, opts, adjoint_params, context)
+    _check_resolution(y0, opts, tol)
+    if len(ts) == 1:  # the output is y0 itself, as in torchdiffeq
+        ys, stats, status, message, steps = torch.stack([y0]), SolveStats(), Status.SUCCESS, Status.SUCCESS.message(), ()
+    elif opts.backend == "torchdiffeq":
+        ys, stats, status, message, steps = _solve_torchdiffeq(f, y0, t_tensor, ts, opts, adjoint_params, context,
+                                                               spec, tol)
+    else:
+        if opts.adaptive and spec is not None:
+            opts = structured_options(opts, spec, y0, tol)
+        ys, stats, status, message, steps = _solve_odenet(f, y0, t_tensor, ts, opts, adjoint_params, context)
+    if spec is not None:
+        ys = spec.unflatten(ys, (len(ts),))
+    return _finish(opts, t_tensor, ys, stats, status, message, steps)
 
 
 def odeint(
@@ -188,9 +256,12 @@ def odeint(
 
     - `f`: any callable `f(t, y) -> dy/dt` (typically an `nn.Module`); `t` arrives as a 0-dim
       tensor of `y`'s dtype and device, and the output must have `y`'s shape and dtype.
-    - `y0`: initial state, a floating-point tensor of any shape (CPU or CUDA).
-    - `t`: output times, strictly increasing or strictly decreasing, at least two; a 1-D tensor
-      or a sequence of numbers. Gradients flow to `t` if it is a tensor that requires grad.
+    - `y0`: initial state, a floating-point tensor of any shape (CPU or CUDA), or a tuple, list
+      or dict of them (one dtype and device; `f` then takes and returns that structure, and an
+      adaptive step's error is the largest RMS norm over the leaves, as in torchdiffeq).
+    - `t`: output times, strictly increasing or strictly decreasing; a 1-D tensor or a sequence
+      of numbers. One time alone returns `y0` (no evaluation). Gradients flow to `t` if it is a
+      tensor that requires grad.
     - `solver`: a name from `odenet.SOLVERS` (`euler`, `midpoint`, `heun`, `rk4` take fixed steps;
       `bosh3`, `dopri5`, `tsit5`, `dopri8` are adaptive) or a solver object such as `odenet.solvers.Dopri5()`.
     - `control`: `odenet.Fixed(steps=..., step_size=...)` for a fixed-step solver (default: one
@@ -213,11 +284,14 @@ def odeint(
       `first_step`, `min_step`, `max_steps`, `controller`, `norm` (an `Adaptive`), `steps`,
       `step_size` (a `Fixed`), `adjoint_rtol`, `adjoint_atol`, `adjoint_seminorm` (an
       `Adjoint`, with `gradient="adjoint"`). Not together with `control=` or a gradient object.
+      For a structured `y0`, `rtol`/`atol` may give one number per leaf, in its structure.
 
-    **Returns:** an `odenet.Solution` with `ys` of shape `[len(t), *y0.shape]`, `ts`, `stats`
-    (`odenet.SolveStats`), `status`, `message` and `steps`.
+    **Returns:** an `odenet.Solution` with `ys` of shape `[len(t), *y0.shape]` (for a
+    structured `y0`, that structure of such tensors), `ts`, `stats` (`odenet.SolveStats`),
+    `status`, `message` and `steps`.
 
-    **Raises:** `ValueError`/`TypeError` for bad input (naming the value received and the fix);
+    **Raises:** `ValueError`/`TypeError` for bad input (naming the value received and the fix;
+    torchdiffeq's `method=`/`options=` name odenet's keywords and `odenet.compat`);
     `odenet.SolverError` when the solver fails and `throw=True`.
 
     **Example:**
@@ -232,7 +306,18 @@ def odeint(
     sol.ys.shape, sol.stats.nfe_forward
     ```
     """
+    tol = None
     if shorthand:
+        for key in shorthand:
+            if key in _TORCHDIFFEQ_KEYWORDS:
+                raise TypeError(
+                    f"odenet.odeint got {key}=, torchdiffeq's keyword; odenet's is {_TORCHDIFFEQ_KEYWORDS[key]}. To keep "
+                    "torchdiffeq's signature (method=, rtol=, options=, returning the tensor), call "
+                    "odenet.compat.odeint instead."
+                )
         check_keywords("odeint", shorthand, SHORTHAND)
+        if isinstance(y0, (tuple, list, dict)) and ("rtol" in shorthand or "atol" in shorthand):
+            rtol, atol, tol = split_tolerances(y0, shorthand.get("rtol"), shorthand.get("atol"))
+            shorthand.update(rtol=rtol, atol=atol)
     opts = options_from(solver, control, gradient, backend, throw, **shorthand)
-    return solve_with_options(f, y0, t, opts, adjoint_params)
+    return solve_with_options(f, y0, t, opts, adjoint_params, tol=tol)

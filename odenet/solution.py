@@ -48,6 +48,11 @@ class Solution:
         return self.status is Status.SUCCESS
 
     @property
-    def y_final(self) -> Tensor:
-        """The state at the last output time, `ys[-1]`."""
-        return self.ys[-1]
+    def y_final(self):
+        """The state at the last output time: `ys[-1]` (for a tuple or dict state, each leaf's)."""
+        if isinstance(self.ys, Tensor):
+            return self.ys[-1]
+        if isinstance(self.ys, dict):
+            return {k: v[-1] for k, v in self.ys.items()}
+        leaves = [v[-1] for v in self.ys]
+        return type(self.ys)(*leaves) if hasattr(self.ys, "_fields") else type(self.ys)(leaves)

@@ -51,7 +51,7 @@ def test_bad_options(kwargs, exc, match):
     [
         ([0.0, 1.0, 0.5], ValueError, r"t\[1\]=1.0 and t\[2\]=0.5"),
         ([0.0, 0.0], ValueError, r"t\[0\]=0.0 and t\[1\]=0.0"),
-        ([0.0], ValueError, r"at least two.*\[0.0\]"),
+        ([], ValueError, r"at least one time"),  # one time alone returns y0 (tests/test_compat.py)
         ([0.0, math.inf], ValueError, "finite.*inf"),
         (torch.zeros(2, 2), ValueError, r"one-dimensional.*\(2, 2\)"),
         ("abc", TypeError, "'abc'"),
@@ -243,3 +243,89 @@ def test_adjoint_backward_failure_is_a_solver_error():
     func.backward_pass = True  # make the backward problem much harder than the forward one
     with pytest.raises(odenet.SolverError, match="adjoint .*backward.*max_steps=60"):
         sol.ys[-1].sum().backward()
+
+
+# ---------------------------------------------------------------- errors that say what to do
+
+
+@pytest.mark.parametrize(
+    "key, value, fix", [("method", "rk4", "solver="), ("options", {}, "step_size="), ("tol", 1e-3, "rtol= and atol=")]
+)
+def test_torchdiffeq_keywords_name_odenets_and_compat(key, value, fix):
+    with pytest.raises(TypeError, match=f"got {key}=, torchdiffeq's keyword; odenet's is .*{fix}.*odenet.compat.odeint"):
+        odenet.odeint(f_ok, Y0, [0.0, 1.0], **{key: value})
+
+
+class OneArgument(torch.nn.Module):
+    """A block written for a ResNet: forward(x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("f, name", [(OneArgument(), "OneArgument has the signature \\(x\\)"), (lambda x: -x, "<lambda>")])
+def test_f_of_one_argument(f, name):
+    with pytest.raises(TypeError, match=f"f must take \\(t, x\\).*{name}.*forward\\(self, t, x\\)") as info:
+        odenet.odeint(f, Y0, [0.0, 1.0])
+    assert "positional argument" in str(info.value.__cause__)  # torch's own message stays in the chain
+    with pytest.raises(TypeError, match="f must take \\(t, x\\)"):
+        odenet.ODEBlock(OneArgument())(torch.ones(2, 3))
+
+
+def test_an_error_inside_f_is_left_alone():
+    def f(t, y):
+        return torch.cat(y)  # a TypeError from inside f, whose signature is right
+
+    with pytest.raises(TypeError, match="cat\\(\\)") as info:
+        odenet.odeint(f, Y0, [0.0, 1.0])
+    assert "f must take" not in str(info.value)
+
+
+def test_parameters_in_another_dtype():
+    f = odenet.MLPDynamics(dim=3)  # float32
+    match = "f's parameters are torch.float32 but the state is torch.float64.*f.to\\(torch.float64\\)"
+    with pytest.raises(TypeError, match=match) as info:
+        odenet.odeint(f, torch.ones(2, 3, dtype=torch.float64), [0.0, 1.0])
+    assert "dtype" in str(info.value.__cause__)
+
+
+@pytest.mark.parametrize("dtype, eps", [(torch.bfloat16, "0.0078125"), (torch.float16, "0.000976562")])
+def test_half_precision_state_with_tolerances_below_its_resolution(dtype, eps):
+    f = lambda t, y: -y  # noqa: E731
+    match = f"rtol=1e-07 is below the resolution of the {dtype} state \\(its epsilon is {eps}\\)"
+    with pytest.raises(ValueError, match=match):
+        odenet.odeint(f, torch.ones(3, dtype=dtype), [0.0, 1.0])
+    with pytest.raises(ValueError, match="adjoint_rtol=0.0001 is below"):
+        odenet.odeint(f, torch.ones(3, dtype=dtype), [0.0, 1.0], rtol=1e-2, atol=1e-2, gradient="adjoint",
+                      adjoint_rtol=1e-4)
+    sol = odenet.odeint(f, torch.ones(3, dtype=dtype), [0.0, 1.0], rtol=1e-2, atol=1e-2)
+    assert sol.ys.dtype == dtype and abs(float(sol.ys[-1, 0]) - math.exp(-1)) < 0.02
+    assert odenet.odeint(f, torch.ones(3, dtype=dtype), [0.0, 1.0], solver="rk4", steps=4).success  # no tolerance
+
+
+@pytest.mark.parametrize("solver", ["dopri5", "rk4"])
+@pytest.mark.parametrize("where", ["y0", "f"])
+def test_nonfinite_under_the_torchdiffeq_backend(solver, where):
+    """torchdiffeq reports a NaN state as "underflow in dt 0.0" (adaptive) or not at all (fixed steps)."""
+    y0 = torch.tensor([float("nan"), 1.0]) if where == "y0" else torch.ones(2)
+    f = f_ok if where == "y0" else (lambda t, y: -y * (float("nan") if float(t) > 0.5 else 1.0))
+    sol = odenet.odeint(f, y0, [0.0, 1.0], solver=solver, backend="torchdiffeq", throw=False)
+    assert sol.status is odenet.Status.NONFINITE and "non-finite" in sol.message
+    blow_up = odenet.odeint(lambda t, y: y**2, torch.ones(1, dtype=torch.float64), [0.0, 2.0], backend="torchdiffeq",
+                            throw=False)
+    assert blow_up.status is odenet.Status.STEP_UNDERFLOW  # a step that shrinks at a singularity stays an underflow
+
+
+def test_faq_blow_up_example_status():
+    """docs/faq.md: y' = y^2 from y(0) = 1 ends in STEP_UNDERFLOW (the steps shrink towards the
+    singularity at t = 1 while the state stays finite), as the page says."""
+    sol = odenet.odeint(lambda t, y: y**2, torch.ones(1, dtype=torch.float64), [0.0, 0.5, 2.0], throw=False)
+    assert sol.status is odenet.Status.STEP_UNDERFLOW and torch.isfinite(sol.ys[:2]).all()
+    import pathlib
+
+    faq = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "faq.md").read_text()
+    assert "# False, STEP_UNDERFLOW" in faq

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
+import itertools
 import math
 import sys
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -98,7 +100,8 @@ class CountedFunc:
         if first:
             self.scope = FieldScope.of(self.f, y)
             version = None if y.is_inference() else y._version  # inference tensors have no counter
-        if self.scope is None:
+            out = self._first_call(t, y)
+        elif self.scope is None:
             out = self.call(t, y)
         else:
             with self.scope.evaluation():
@@ -117,8 +120,21 @@ class CountedFunc:
         """Around a backward pass that calls `f` again: leaves the caller's random-number state as it was."""
         return contextlib.nullcontext() if self.scope is None else self.scope.backward()
 
+    def _first_call(self, t: Tensor, y: Tensor):
+        """The first evaluation, whose failure is explained where `f` is called the wrong way."""
+        try:
+            if self.scope is None:
+                return self.call(t, y)
+            with self.scope.evaluation():
+                return self.call(t, y)
+        except (TypeError, RuntimeError) as err:
+            better = _signature_error(self.f, t, y, self.call) or _dtype_error(self.f, y)
+            if better is None:
+                raise
+            raise better from err
+
     def _check(self, out, y: Tensor, version: Optional[int]) -> None:
-        name = getattr(self.f, "__qualname__", None) or type(self.f).__name__
+        name = _name(self.f)
         if version is not None and y._version != version:
             raise ValueError(
                 f"f wrote into its input state in place ({name} changed y during f(t, y)): the solver reuses "
@@ -141,6 +157,43 @@ class CountedFunc:
                 "to the state's dtype.)"
             )
         self._checked = True
+
+
+def _name(f) -> str:
+    """How messages name `f` (through a wrapper's `__wrapped__`)."""
+    f = getattr(f, "__wrapped__", f)
+    return getattr(f, "__qualname__", None) or type(f).__name__
+
+
+def _signature_error(f, t: Tensor, y: Tensor, call) -> Optional[TypeError]:
+    """A `TypeError` saying that `f` must take `(t, x)`, when its signature cannot take the call."""
+    inner = getattr(f, "__wrapped__", f)
+    try:
+        sig = inspect.signature(inner.forward if isinstance(inner, torch.nn.Module) else inner)
+        sig.bind(t, y, **getattr(call, "keywords", {}))
+        return None
+    except TypeError:
+        pass
+    except ValueError:  # no signature to read (a builtin)
+        return None
+    return TypeError(
+        f"f must take (t, x), the time (a 0-dim tensor, which f may ignore) and the state, but {_name(f)} has the "
+        f"signature {sig}. Write forward(self, t, x), or wrap it: lambda t, x: f(x)."
+    )
+
+
+def _dtype_error(f, y: Tensor) -> Optional[TypeError]:
+    """A `TypeError` naming the dtype of `f`'s parameters, when they differ from the state's."""
+    if not isinstance(f, torch.nn.Module):
+        return None
+    tensors = itertools.chain(f.parameters(), f.buffers())
+    p = next((p for p in tensors if p.is_floating_point() and p.dtype != y.dtype), None)
+    if p is None:
+        return None
+    return TypeError(
+        f"f's parameters are {p.dtype} but the state is {y.dtype}, and f failed on its first call. Cast one to the "
+        f"other: f.to({y.dtype}), or y0.to({p.dtype})."
+    )
 
 
 class StepRecord(NamedTuple):
