@@ -109,8 +109,9 @@ class _Box:
     """Non-tensor arguments handed through an autograd.Function (and its result back)."""
 
     def __init__(self, fc: CountedFunc, ts: List[float], solver: ExplicitRK, control: Union[Fixed, Adaptive],
-                 gradient: GradientMethod, params: Optional[Tuple[Tensor, ...]]):
+                 gradient: GradientMethod, params: Optional[Tuple[Tensor, ...]], event=None):
         self.fc = fc
+        self.event = event  # an event search (odenet.events), handed to the forward loop
         # With `params`, backward looks for tensors f uses other than the state and these (once).
         # The objects themselves: what ctx.saved_tensors unpacks need not be them under
         # saved-tensor hooks, and the graph's leaves are matched by identity.
@@ -287,7 +288,8 @@ class _AdjointFn(torch.autograd.Function):
         with torch.no_grad():
             # A detached start: f may differentiate with respect to its input (RNODE, FFJORD),
             # which fails on a tensor that only looks like a graph leaf under no_grad.
-            res = integrate(box.fc, y0.detach(), box.ts, box.solver, box.control, stats=box.fc.stats)
+            res = integrate(box.fc, y0.detach(), box.ts, box.solver, box.control, stats=box.fc.stats,
+                            event=box.event)
         box.result = res
         ys = torch.stack(res.ys)
         ctx.box, ctx.fc = box, box.fc
@@ -300,6 +302,8 @@ class _AdjointFn(torch.autograd.Function):
         box: _Box = ctx.box
         ys, *params = ctx.saved_tensors
         ts, shape, n = box.ts, ys.shape[1:], ys[0].numel()
+        if box.result.event_t is not None:  # the output is the state at the event time, a fixed time here
+            ts = [ts[0], box.result.event_t]
         f_aug = _augmented_dynamics(box, shape, params)
         norm = _adjoint_norm(n, box.gradient.seminorm, len(params))
         bstats = SolveStats()
@@ -341,7 +345,8 @@ class _CheckpointFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, box: _Box, y0: Tensor, *params: Tensor) -> Tensor:
         with torch.no_grad():
-            res = integrate(box.fc, y0.detach(), box.ts, box.solver, box.control, stats=box.fc.stats, record=True)
+            res = integrate(box.fc, y0.detach(), box.ts, box.solver, box.control, stats=box.fc.stats, record=True,
+                            event=box.event)
         box.result = res
         ctx.box, ctx.fc = box, box.fc
         ctx.n_params = len(params)
@@ -409,16 +414,19 @@ def run_solve(
     gradient: GradientMethod,
     params: Sequence[Tensor] = (),
     check_inputs: bool = True,
+    event=None,
 ) -> Tuple[Tensor, LoopResult]:
     """Solve with the chosen gradient method; returns the stacked outputs `[len(ts), *y0.shape]`
     and the loop's result (status, final time and step). With `check_inputs`, the adjoint's and
     checkpoint's backward raise if `f` uses a tensor that requires grad other than the state
-    and `params` (it would get no gradient); off where the caller chose `params` itself."""
+    and `params` (it would get no gradient); off where the caller chose `params` itself. With an
+    `event` (see `integrate`), the last output is the state at the event time `res.event_t`,
+    differentiated as the solution at that fixed time (`odenet.events` adds the time's gradient)."""
     if isinstance(gradient, Direct):
-        res = integrate(fc, y0, ts, solver, control, stats=fc.stats)
+        res = integrate(fc, y0, ts, solver, control, stats=fc.stats, event=event)
         return torch.stack(res.ys), res
     params = tuple(params)
-    box = _Box(fc, ts, solver, control, gradient, params if check_inputs else None)
+    box = _Box(fc, ts, solver, control, gradient, params if check_inputs else None, event)
     fn = _AdjointFn if isinstance(gradient, Adjoint) else _CheckpointFn
     return fn.apply(box, y0, *params), box.result
 

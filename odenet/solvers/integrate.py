@@ -238,6 +238,7 @@ class LoopResult(NamedTuple):
     records: Optional[List[StepRecord]]
     steps: List[StepInfo]
     max_steps: Optional[int] = None  # the step limit in force (adaptive solves)
+    event_t: Optional[float] = None  # with an `event`: the time of the root that ended the solve (None: none found)
 
     def message(self, control: Union[Fixed, Adaptive]) -> str:
         """The status message, with the limits of `control` filled in."""
@@ -299,6 +300,7 @@ def integrate(
     grid: Optional[Sequence[float]] = None,
     norm: Optional[Callable[[Tensor], Tensor]] = None,
     record: bool = False,
+    event: Optional[Callable[..., Optional[float]]] = None,
 ) -> LoopResult:
     """Integrate `dy/dt = f(t, y)` from `ts[0]` and return the state at every time in `ts`.
 
@@ -309,12 +311,35 @@ def integrate(
     with `norm` (default: `control.norm`). `record` keeps every accepted step's start state (for checkpointed
     gradients). Never raises on solver failure: the status says what happened, and outputs
     not reached are NaN. Returns a `LoopResult(ys, status, t, h, records, steps)`.
+
+    With an `event` (see `odenet.events`), `ts` is `[t0, t_max]` (`t_max` may be infinite for
+    an adaptive solver) and `event(solver, t, h, y, y1, ks)` is called after every accepted
+    step from `(t, y)` to `(t + h, y1)` with stages `ks`: it returns `None`, or the `θ` in
+    `[0, 1)` of the root it located in the step. The solve then ends there: the last output
+    is the dense output at `t + θh`, and `LoopResult.event_t` that time. Reaching `t_max`
+    first is a success with `event_t=None`. Without an event the loops do no extra work.
     """
     limit = None
+    emit, found = _emit, []
+    if event is not None:
+
+        def emit(solver, outputs, due, nxt, direction, t, h, t_new, y, y1, ks):
+            # Called at every step end (`due`: `ts`, or a fixed loop's whole grid).
+            theta = event(solver, t, h, y, y1, ks)
+            if theta is not None:  # the root, in this step: the last output
+                found.append(t + theta * h)
+                outputs[-1] = solver.interpolate(y, h, ks, theta)
+                return len(due), ((len(outputs) - 1, theta),)
+            if t_new == due[-1]:  # t_max, before any root
+                outputs[-1] = y1
+                return len(due), ((len(outputs) - 1, None),)
+            return (nxt + 1 if t_new == due[nxt] else nxt), ()
+
     if solver.adaptive:
         control = control or _DEFAULT_ADAPTIVE
-        limit = control.step_limit(ts[-1] - ts[0], solver.tableau.error_order)
-        res = _adaptive_loop(f, y0, ts, solver, stats, control, limit, norm or control.error_norm(), record)
+        span = ts[-1] - ts[0]  # infinite for an event search without t_max: the limit is then max_steps or its floor
+        limit = control.step_limit(span if math.isfinite(span) else 0.0, solver.tableau.error_order)
+        res = _adaptive_loop(f, y0, ts, solver, stats, control, limit, norm or control.error_norm(), record, emit)
     else:
         grid = tuple(grid if grid is not None else (control or _DEFAULT_FIXED).grid(ts))
         if len(grid) < 2 or grid[0] != ts[0] or grid[-1] != ts[-1]:
@@ -322,13 +347,13 @@ def integrate(
                 f"grid= must start at ts[0]={ts[0]} and end at ts[-1]={ts[-1]} (at least two points), got "
                 f"{list(grid)}."
             )
-        res = _fixed_loop(f, y0, ts, solver, stats, grid, record)
+        res = _fixed_loop(f, y0, ts, solver, stats, grid, record, None if event is None else emit)
     outputs, status, t, h, records, log = res
     stats.final_step = h
     if status is not Status.SUCCESS:
         nan = torch.full_like(y0, float("nan"))
         outputs = [o if o is not None else nan for o in outputs]
-    return LoopResult(outputs, status, t, h, records, log, limit)
+    return LoopResult(outputs, status, t, h, records, log, limit, found[0] if found else None)
 
 
 def _emit(solver: ExplicitRK, outputs: list, ts: Sequence[float], nxt: int, direction: float, t: float, h: float,
@@ -377,8 +402,11 @@ def _stage_times(f, y0: Tensor, grid: Sequence[float], hs: Sequence[float], c: S
 
 
 def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: SolveStats,
-                grid: Tuple[float, ...], record: bool):
-    """Every step of a known grid, with nothing read back from the device until the end."""
+                grid: Tuple[float, ...], record: bool, event_emit=None):
+    """Every step of a known grid, with nothing read back from the device until the end.
+
+    With an event's `event_emit` (see `integrate`), every step end is checked instead (the
+    event's host read per step), and the loop stops at the step where it fires."""
     n_out = len(ts)
     outputs: List[Optional[Tensor]] = [None] * n_out
     outputs[0] = y0
@@ -386,14 +414,19 @@ def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: S
     direction = 1.0 if ts[-1] > ts[0] else -1.0
     hs = [b - a for a, b in zip(grid, grid[1:])]
     times = _stage_times(f, y0, grid, hs, solver.tableau.c)
+    # The times at which `emit` runs: the output times, or with an event every step end.
+    due, emit = (ts, _emit) if event_emit is None else (grid, event_emit)
+    n_due = len(due)
     y, k1, nxt = y0, None, 1
     for i, h in enumerate(hs):
         # Without an error estimate; an FSAL method hands its last stage on as the next k1.
         res = solver.step(f, grid[i], y, h, k1, with_error=False, times=times[i])
         k1 = res.k_next
         produced = ()
-        if nxt < n_out and direction * (ts[nxt] - grid[i + 1]) <= 0.0:
-            nxt, produced = _emit(solver, outputs, ts, nxt, direction, grid[i], h, grid[i + 1], y, res.y1, res.ks)
+        if nxt < n_due and direction * (due[nxt] - grid[i + 1]) <= 0.0:
+            nxt, produced = emit(solver, outputs, due, nxt, direction, grid[i], h, grid[i + 1], y, res.y1, res.ks)
+            if nxt == n_due:  # nothing more is due (at the grid's end, or an event fired): this step is the last;
+                del hs[i + 1 :]  # shortening `hs` ends the loop, and the counts below see the steps taken
         if record:
             records.append(StepRecord(grid[i], h, y, produced))
         y = res.y1
@@ -402,12 +435,13 @@ def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: S
     # One read per solve (skipped while a CUDA graph is captured, where reads are not allowed).
     if not _capturing(y) and not _is_finite(y):
         status = Status.NONFINITE
-    return outputs, status, grid[-1], hs[-1], records, [StepInfo(t, h, True) for t, h in zip(grid, hs)]
+    return outputs, status, grid[len(hs)], hs[-1], records, [StepInfo(t, h, True) for t, h in zip(grid, hs)]
 
 
 def _adaptive_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: SolveStats, control: Adaptive,
-                   max_steps: int, norm: Callable[[Tensor], Tensor], record: bool):
-    """Steps chosen by the error estimate and the controller: one host read per attempted step."""
+                   max_steps: int, norm: Callable[[Tensor], Tensor], record: bool, emit=_emit):
+    """Steps chosen by the error estimate and the controller: one host read per attempted step.
+    `emit` stores the outputs of each accepted step (an event's replaces it, see `integrate`)."""
     rtol, atol, min_step = control.rtol, control.atol, control.min_step
     controller = control.controller or _DEFAULT_CONTROLLER
     n_out = len(ts)
@@ -463,7 +497,7 @@ def _adaptive_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats
         log.append(StepInfo(t, h, accepted))
 
         if accepted:
-            nxt, produced = _emit(solver, outputs, ts, nxt, direction, t, h, t_new, y, res.y1, res.ks)
+            nxt, produced = emit(solver, outputs, ts, nxt, direction, t, h, t_new, y, res.y1, res.ks)
             if record:
                 records.append(StepRecord(t, h, y, produced))
             stats.n_accepted += 1
