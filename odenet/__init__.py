@@ -13,7 +13,7 @@ from .dynamics import ConvDynamics, MLPDynamics
 from .odeint import odeint
 from .solution import Solution, SolveStats, SolverError, Status
 from .citation import citation
-from . import compat
+from . import compat, events
 
 try:
     __version__ = _version("odenet")
@@ -49,4 +49,5 @@ __all__ = [
     "measure",
     "citation",
     "compat",
+    "events",
 ]

@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .events import solve_event
 from .gradients import Adjoint, Direct
 from .odeint import solve_with_options
 from .options import SolveOptions
@@ -28,7 +29,7 @@ from .solvers.status import SolverError, Status
 from .solvers.tableau import HEUN, MIDPOINT, ButcherTableau
 from .tree import TreeSpec, split_tolerances
 
-__all__ = ["odeint", "odeint_adjoint", "last_solution", "METHODS"]
+__all__ = ["odeint", "odeint_adjoint", "odeint_event", "last_solution", "METHODS"]
 
 #: torchdiffeq's `rk4`: Kutta's 3/8 rule (odenet's `solver="rk4"` is the classical method).
 RK4_38 = ButcherTableau(
@@ -172,7 +173,8 @@ def _step_grid(t: Tensor, step_size: float) -> Tensor:
     return grid
 
 
-def _solve(func, y0, t, rtol, atol, method, options, gradient, adjoint_params):
+def _options(func, y0, t, rtol, atol, method, options, gradient):
+    """odenet's `SolveOptions` for a torchdiffeq call, and per-leaf tolerances (or `None`)."""
     solver, options = _method(method), dict(options or {})
     _check_options(options, solver, "dopri5" if method is None else method)
     tol = None
@@ -181,8 +183,14 @@ def _solve(func, y0, t, rtol, atol, method, options, gradient, adjoint_params):
     else:
         control = _fixed(options, func, y0, t)
         gradient = dataclasses.replace(gradient, rtol=None, atol=None) if isinstance(gradient, Adjoint) else gradient
-    opts = SolveOptions(solver, control, gradient)
+    return SolveOptions(solver, control, gradient), tol, options
+
+
+def _solve(func, y0, t, rtol, atol, method, options, gradient, adjoint_params, event_fn=None):
+    opts, tol, options = _options(func, y0, t, rtol, atol, method, options, gradient)
     _LAST.solution = None
+    if event_fn is not None:
+        return _solve_event(func, y0, t, opts, tol, event_fn, adjoint_params)
     try:
         sol = solve_with_options(func, y0, t, opts, adjoint_params, tol=tol)
     except SolverError as err:
@@ -197,15 +205,51 @@ def _solve(func, y0, t, rtol, atol, method, options, gradient, adjoint_params):
     return sol.ys
 
 
+def _solve_event(func, y0, t, opts: SolveOptions, tol, event_fn, adjoint_params):
+    """torchdiffeq's `odeint(..., event_fn=...)`: from `t[0]` until `event_fn` changes sign (the
+    direction of `t[:2]`); returns `(event_t, ys)` with `ys` the states at `t[0]` and the event."""
+    if not isinstance(y0, Tensor) or tol is not None:
+        raise ValueError(
+            "event_fn= with a tuple state or per-leaf tolerances is not in odenet's engine yet; pass "
+            "backend='torchdiffeq' to run this call with torchdiffeq."
+        )
+    reverse = len(t) > 1 and bool(t[1] < t[0])
+    event_t, sol = solve_event(func, y0, t[0], event_fn, opts, reverse_time=reverse, adjoint_params=adjoint_params)
+    _LAST.solution = sol
+    return event_t, sol.ys
+
+
+def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface=None, **kwargs):
+    """torchdiffeq's `odeint_event`: solve from `t0` until `event_fn(t, y)` changes sign.
+
+    **Arguments:** as `torchdiffeq.odeint_event`: `event_fn`, `reverse_time`, `odeint_interface`
+    (this module's `odeint` (default) or `odeint_adjoint`), and that function's keywords.
+
+    **Returns:** `(event_t, solution)`: the event time (differentiable, by the implicit function
+    theorem) and the states at `t0` and at the event, `[2, *y0.shape]`.
+
+    **Raises:** as `odeint`; `odenet.events.NoEventError` when the step limit comes first.
+
+    **Example:**
+
+    ```python
+    from odenet.compat import odeint_event
+
+    g = torch.tensor(9.81)
+    t, ys = odeint_event(lambda t, y: torch.stack([y[1], -g]), torch.tensor([1.0, 0.0]), torch.tensor(0.0),
+                         event_fn=lambda t, y: y[0])
+    assert abs(t.item() - (2 / 9.81) ** 0.5) < 1e-6
+    ```
+    """
+    t0 = torch.as_tensor(t0).reshape(-1)
+    t = torch.cat([t0, t0.detach() + (-1.0 if reverse_time else 1.0)])
+    return (odeint_interface or odeint)(func, y0, t, event_fn=event_fn, **kwargs)
+
+
 def _check_backend(backend: str, event_fn) -> bool:
     """Whether to hand the call to torchdiffeq."""
     if backend not in ("odenet", "torchdiffeq"):
         raise ValueError(f"Unknown backend {backend!r}; choose 'odenet' or 'torchdiffeq'.")
-    if backend == "odenet" and event_fn is not None:
-        raise ValueError(
-            "event_fn= (solving until an event) is not in odenet's engine yet; pass backend='torchdiffeq' to run "
-            "this call with torchdiffeq."
-        )
     if backend == "torchdiffeq":
         _LAST.solution = None
     return backend == "torchdiffeq"
@@ -234,7 +278,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
       none), `norm`, `safety`, `ifactor`, `dfactor`. Fixed steps: `step_size`,
       `grid_constructor`. An option odenet cannot honour (`min_step`, `max_step`, `step_t`,
       `jump_t`, `perturb=True`, `interp="cubic"`) raises; unknown ones warn, as in torchdiffeq.
-    - `event_fn`: only with `backend="torchdiffeq"`.
+    - `event_fn`: solve from `t[0]` until `event_fn(t, y)` changes sign (see `odeint_event`);
+      returns `(event_t, solution)` as torchdiffeq does (tensor states).
     - `backend`: `"odenet"`, or `"torchdiffeq"` to hand the call to torchdiffeq unchanged.
 
     **Returns:** a tensor `[len(t), *y0.shape]`, or a tuple of them for a tuple state.
@@ -257,7 +302,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
         import torchdiffeq
 
         return torchdiffeq.odeint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, event_fn=event_fn)
-    return _solve(func, y0, t, rtol, atol, method, options, Direct(), None)
+    return _solve(func, y0, t, rtol, atol, method, options, Direct(), None, event_fn)
 
 
 def _adjoint_seminorm(method, options, adjoint_method, adjoint_options) -> bool:
@@ -337,4 +382,4 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
         )
     seminorm = _adjoint_seminorm(method, options, adjoint_method, adjoint_options)
     gradient = Adjoint(_scalar("adjoint_rtol", adjoint_rtol), _scalar("adjoint_atol", adjoint_atol), seminorm)
-    return _solve(func, y0, t, rtol, atol, method, options, gradient, adjoint_params)
+    return _solve(func, y0, t, rtol, atol, method, options, gradient, adjoint_params, event_fn)

@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 import torchdiffeq
+from torch import nn
 
 import odenet
 from odenet import compat
@@ -210,15 +211,16 @@ def test_invalid_method_is_a_value_error_in_both():
         compat.odeint(spiral, Y0, T, backend="jax")
 
 
-def test_events_only_through_the_torchdiffeq_backend():
+def test_event_fn_on_both_backends():
     def event(t, y):
         return y[0, 0] - 1.0
 
     t2 = torch.tensor([0.0, 5.0], dtype=D)
-    with pytest.raises(ValueError, match="event_fn=.*backend='torchdiffeq'"):
-        compat.odeint(spiral, Y0, t2, event_fn=event)
+    ours_t, ours = compat.odeint(spiral, Y0, t2, event_fn=event)
     event_t, ys = compat.odeint(spiral, Y0, t2, event_fn=event, backend="torchdiffeq")
     assert 0 < float(event_t) < 5 and abs(float(ys[-1, 0, 0]) - 1.0) < 1e-6
+    assert abs(float(ours_t) - float(event_t)) < 1e-6 and ours.shape == ys.shape
+    torch.testing.assert_close(ours[-1], ys[-1], rtol=0, atol=1e-6)
 
 
 def test_per_element_tolerances_are_not_taken():
@@ -366,3 +368,38 @@ def test_compat_is_documented_as_torchdiffeq_signatures():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compat.odeint(spiral, Y0, T)  # no warning on a plain call
+
+
+def _fall(t, y):
+    return torch.stack([y[1], torch.full_like(y[1], -9.81)])
+
+
+@pytest.mark.parametrize("interface", ["odeint", "odeint_adjoint"])
+def test_odeint_event_against_torchdiffeq_and_closed_form(interface):
+    """A ball dropped from height 1: the first root of y[0] at sqrt(2/9.81); the event time's
+    gradient with respect to the height, d/dh sqrt(2h/g) = 1/sqrt(2 g h)."""
+    ours_fn = getattr(odenet.compat, interface)
+    theirs_fn = getattr(torchdiffeq, interface)
+    out = []
+    for event, fn in ((odenet.compat.odeint_event, ours_fn), (torchdiffeq.odeint_event, theirs_fn)):
+        h = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+        f = _Fall() if interface == "odeint_adjoint" else _fall
+        y0 = torch.stack([h, torch.zeros((), dtype=torch.float64)])
+        t, ys = event(f, y0, torch.tensor(0.0, dtype=torch.float64), event_fn=lambda t, y: y[0],
+                      odeint_interface=fn, rtol=1e-10, atol=1e-10)
+        (grad,) = torch.autograd.grad(t, h)
+        out.append((t.item(), ys.shape, grad.item()))
+    (t_ours, shape, g_ours), (t_theirs, _, g_theirs) = out
+    assert shape == (2, 2) and abs(t_ours - math.sqrt(2 / 9.81)) < 1e-9 and abs(t_ours - t_theirs) < 1e-7
+    assert abs(g_ours - 1 / math.sqrt(2 * 9.81)) < 1e-7 and abs(g_ours - g_theirs) < 1e-6
+
+
+class _Fall(nn.Module):
+    def forward(self, t, y):
+        return _fall(t, y)
+
+
+def test_event_fn_with_a_tuple_state_names_the_backend():
+    with pytest.raises(ValueError, match="event_fn= with a tuple state.*backend='torchdiffeq'"):
+        odenet.compat.odeint(lambda t, y: (-y[0],), (torch.ones(1),), torch.tensor([0.0, 1.0]),
+                             event_fn=lambda t, y: y[0] - 0.5)
