@@ -13,7 +13,7 @@ from .gradients import Adjoint, Direct, GradientMethod, attach_time_gradients, r
 from .options import SHORTHAND, SolveOptions, check_keywords, options_from
 from .solution import Solution
 from .solvers.control import Adaptive, Fixed
-from .solvers.integrate import CountedFunc, autocast_dtype
+from .solvers.integrate import CountedFunc, autocast_dtype, is_vmapped
 from .solvers.rk import ExplicitRK
 from .solvers.stats import SolveStats
 from .solvers.status import SolverError, Status
@@ -86,6 +86,17 @@ def _inputs(f, adjoint_params, context: Optional[dict]) -> Tuple[Tensor, ...]:
         if isinstance(v, Tensor) and v.requires_grad and not any(v is p for p in params):
             params += (v,)
     return params
+
+
+def _check_vmap(y0: Tensor, opts: SolveOptions) -> None:
+    """Inside `torch.func.vmap` only fixed steps run: every batch element takes the same grid."""
+    if is_vmapped(y0) and (opts.adaptive or opts.backend != "odenet"):
+        raise ValueError(
+            f"torch.func.vmap over odenet.odeint needs a fixed-step solver on odenet's backend (got "
+            f"solver={opts.solver_name!r}, backend={opts.backend!r}): an adaptive solver reads its error on the "
+            "host at every step, which vmap cannot do. Use a fixed-step solver (euler, midpoint, heun, rk4) with "
+            "Fixed(steps=...), or solve the whole batch in one call without vmap (the batch shares its steps)."
+        )
 
 
 def _check_resolution(y0: Tensor, opts: SolveOptions, tol: Optional[LeafTolerances]) -> None:
@@ -223,6 +234,7 @@ def solve_with_options(f, y0, t, opts: SolveOptions, adjoint_params=None, contex
         y0 = spec.flatten(y0)
     t_tensor, ts = _check_inputs(f, y0, t)
     _check_resolution(y0, opts, tol)
+    _check_vmap(y0, opts)
     if len(ts) == 1:  # the output is y0 itself, as in torchdiffeq
         ys, stats, status, message, steps = torch.stack([y0]), SolveStats(), Status.SUCCESS, Status.SUCCESS.message(), ()
     elif opts.backend == "torchdiffeq":

@@ -256,8 +256,20 @@ def _compiling() -> bool:
 
 
 def _capturing(y: Tensor) -> bool:
-    """True while a CUDA graph is being captured (no host reads allowed then)."""
-    return y.is_cuda and torch.cuda.is_current_stream_capturing()
+    """True where the state's values cannot be read on the host: while a CUDA graph is being
+    captured, or inside `torch.func.vmap` (a batched tensor)."""
+    return (y.is_cuda and torch.cuda.is_current_stream_capturing()) or is_vmapped(y)
+
+
+def is_vmapped(y: Tensor) -> bool:
+    """Whether `y` is batched by `torch.func.vmap`, at any level of torch.func's wrappers
+    (`vmap(grad(...))` wraps a batched tensor in a gradient-tracking one)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(y):
+        if functorch.is_batchedtensor(y):
+            return True
+        y = functorch.get_unwrapped(y)
+    return False
 
 
 def _initial_step(f, t0: float, y0: Tensor, k0: Tensor, direction: float, order: int, rtol, atol, norm,
