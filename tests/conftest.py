@@ -23,6 +23,18 @@ def linear_problem():
     return f, y0, exact
 
 
+class Counting(torch.nn.Module):
+    """Wraps a function `f(t, y)` and counts its calls."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f, self.calls = f, 0
+
+    def forward(self, t, y):
+        self.calls += 1
+        return self.f(t, y)
+
+
 class CountingF(torch.nn.Module):
     """Counts its own calls: the independent check of odenet's NFE counting."""
 

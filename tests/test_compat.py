@@ -18,6 +18,7 @@ import torchdiffeq
 from torch import nn
 
 import odenet
+from conftest import Counting
 from odenet import compat
 
 D = torch.float64
@@ -32,16 +33,6 @@ def spiral(t, y):
 
 def cubic(t, y):
     return (y**3) @ A
-
-
-class Counting(torch.nn.Module):
-    def __init__(self, f):
-        super().__init__()
-        self.f, self.calls = f, 0
-
-    def forward(self, t, y):
-        self.calls += 1
-        return self.f(t, y)
 
 
 # ---------------------------------------------------------------- fixed steps: torchdiffeq to rounding

@@ -9,6 +9,7 @@ import torch
 import torchdiffeq
 
 import odenet
+from conftest import Counting
 from odenet.tree import NormedRK, TreeSpec, mixed_norm
 
 D = torch.float64
@@ -182,16 +183,6 @@ def test_per_leaf_tolerances_steer_the_steps():
         assert abs(ours[name] - theirs[name]) <= 0.25 * theirs[name] + 7, (name, ours, theirs)
     for counts in (ours, theirs):
         assert counts["x loose"] >= 0.9 * counts["both"] > counts["v loose"] > counts["all loose"]
-
-
-class Counting(torch.nn.Module):
-    def __init__(self, f):
-        super().__init__()
-        self.f, self.calls = f, 0
-
-    def forward(self, t, y):
-        self.calls += 1
-        return self.f(t, y)
 
 
 @pytest.mark.parametrize("gradient", ["direct", "adjoint"])
