@@ -318,18 +318,24 @@ def odeint(
     sol.ys.shape, sol.stats.nfe_forward
     ```
     """
-    tol = None
-    if shorthand:
-        for key in shorthand:
-            if key in _TORCHDIFFEQ_KEYWORDS:
-                raise TypeError(
-                    f"odenet.odeint got {key}=, torchdiffeq's keyword; odenet's is {_TORCHDIFFEQ_KEYWORDS[key]}. To keep "
-                    "torchdiffeq's signature (method=, rtol=, options=, returning the tensor), call "
-                    "odenet.compat.odeint instead."
-                )
-        check_keywords("odeint", shorthand, SHORTHAND)
-        if isinstance(y0, (tuple, list, dict)) and ("rtol" in shorthand or "atol" in shorthand):
-            rtol, atol, tol = split_tolerances(y0, shorthand.get("rtol"), shorthand.get("atol"))
-            shorthand.update(rtol=rtol, atol=atol)
+    tol = _check_shorthand(y0, shorthand) if shorthand else None
     opts = options_from(solver, control, gradient, backend, throw, **shorthand)
     return solve_with_options(f, y0, t, opts, adjoint_params, tol=tol)
+
+
+def _check_shorthand(y0, shorthand: dict) -> Optional[LeafTolerances]:
+    """Refuse torchdiffeq's and unknown keywords; split per-leaf tolerances of a structured `y0`
+    (updating `shorthand` to the numbers the loop uses, and returning the leaves' own)."""
+    for key in shorthand:
+        if key in _TORCHDIFFEQ_KEYWORDS:
+            raise TypeError(
+                f"odenet.odeint got {key}=, torchdiffeq's keyword; odenet's is {_TORCHDIFFEQ_KEYWORDS[key]}. To keep "
+                "torchdiffeq's signature (method=, rtol=, options=, returning the tensor), call "
+                "odenet.compat.odeint instead."
+            )
+    check_keywords("odeint", shorthand, SHORTHAND)
+    if isinstance(y0, (tuple, list, dict)) and ("rtol" in shorthand or "atol" in shorthand):
+        rtol, atol, tol = split_tolerances(y0, shorthand.get("rtol"), shorthand.get("atol"))
+        shorthand.update(rtol=rtol, atol=atol)
+        return tol
+    return None
