@@ -394,23 +394,21 @@ def _is_finite(y: Tensor) -> bool:
     return math.isfinite(float(torch.linalg.vector_norm(y.detach(), ord=math.inf)))
 
 
-def _stage_times(f, y0: Tensor, grid: Sequence[float], hs: Sequence[float], c: Sequence[float]) -> list:
-    """Each step's stage times, the time arguments the loop hands to `f`.
+class _GridPlan(NamedTuple):
+    """What a fixed grid fixes before the first step: step sizes, each step's stage times, the step log."""
 
-    Floats, which `CountedFunc` turns into a 0-dim tensor per call. On the CPU, for a
-    `CountedFunc`, one tensor of all stage times is made instead and split into 0-dim views: on
-    an Euler solve of a cheap `f` this halves the cost of making the times (measured with
-    `benchmarks/loop_overhead.py`). Not on CUDA (a copy from the host would synchronise) and not
-    while torch.compile traces the solve. Outside inference mode, so that a solve with autograd
-    can save them for backward.
-    """
-    times = [tuple(t + ci * h for ci in c) for t, h in zip(grid, hs)]
-    if not isinstance(f, CountedFunc) or y0.device.type != "cpu" or _compiling():
-        return times
-    with torch.inference_mode(False):
-        flat = torch.tensor([x for step in times for x in step], dtype=y0.dtype, device="cpu").unbind(0)
-    s = len(c)
-    return [flat[i * s : (i + 1) * s] for i in range(len(times))]
+    hs: Tuple[float, ...]
+    times: Tuple[Tuple[float, ...], ...]
+    log: Tuple[StepInfo, ...]
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(grid: Tuple[float, ...], c: Tuple[float, ...]) -> _GridPlan:
+    """The plan of `grid` for nodes `c`: Python floats only (immutable, so it is cached per grid:
+    training solves the same grid every step, and planning is a visible part of a small solve)."""
+    hs = tuple(b - a for a, b in zip(grid, grid[1:]))
+    times = tuple(tuple(t + ci * h for ci in c) for t, h in zip(grid, hs))
+    return _GridPlan(hs, times, tuple(StepInfo(t, h, True) for t, h in zip(grid, hs)))
 
 
 def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: SolveStats,
@@ -424,8 +422,10 @@ def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: S
     outputs[0] = y0
     records: Optional[List[StepRecord]] = [] if record else None
     direction = 1.0 if ts[-1] > ts[0] else -1.0
-    hs = [b - a for a, b in zip(grid, grid[1:])]
-    times = _stage_times(f, y0, grid, hs, solver.tableau.c)
+    # Not the cache while torch.compile traces the solve (Dynamo traces past caches).
+    plan = (_plan.__wrapped__ if _compiling() else _plan)(grid, solver.tableau.c)
+    hs = list(plan.hs)
+    times = plan.times  # floats: CountedFunc makes each a 0-dim tensor when it calls f
     # The times at which `emit` runs: the output times, or with an event every step end.
     due, emit = (ts, _emit) if event_emit is None else (grid, event_emit)
     n_due = len(due)
@@ -447,7 +447,7 @@ def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: S
     # One read per solve (skipped while a CUDA graph is captured, where reads are not allowed).
     if not _capturing(y) and not _is_finite(y):
         status = Status.NONFINITE
-    return outputs, status, grid[len(hs)], hs[-1], records, [StepInfo(t, h, True) for t, h in zip(grid, hs)]
+    return outputs, status, grid[len(hs)], hs[-1], records, list(plan.log[: len(hs)])
 
 
 def _adaptive_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: SolveStats, control: Adaptive,
