@@ -21,8 +21,8 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .solvers.control import Adaptive, Fixed, Option, positive
-from .solvers.integrate import CountedFunc, LoopResult, integrate, rms_norm
+from .solvers.control import Adaptive, Fixed, Option, positive, rms_norm
+from .solvers.integrate import CountedFunc, LoopResult, integrate
 from .solvers.rk import ExplicitRK
 from .solvers.stats import SolveStats
 from .solvers.status import SolverError, Status

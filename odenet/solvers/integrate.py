@@ -22,14 +22,14 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .control import Adaptive, Fixed, rms_norm
+from .control import Adaptive, Fixed
 from .controller import PIController
 from .field import FieldScope
 from .rk import ExplicitRK, without_grad
 from .stats import SolveStats
 from .status import Status
 
-__all__ = ["CountedFunc", "StepRecord", "StepInfo", "LoopResult", "integrate", "rms_norm"]
+__all__ = ["CountedFunc", "StepRecord", "StepInfo", "LoopResult", "integrate"]
 
 
 # Immutable, so one instance of each serves every solve.
@@ -101,11 +101,8 @@ class CountedFunc:
             self.scope = FieldScope.of(self.f, y)
             version = None if y.is_inference() else y._version  # inference tensors have no counter
             out = self._first_call(t, y)
-        elif self.scope is None:
-            out = self.call(t, y)
         else:
-            with self.scope.evaluation():
-                out = self.call(t, y)
+            out = self.call(t, y) if self.scope is None else self._in_scope(t, y)
         if self.autocast is not None and isinstance(out, Tensor) and out.dtype == self.autocast != y.dtype:
             out = out.to(y.dtype)
         if self.backward:
@@ -120,13 +117,15 @@ class CountedFunc:
         """Around a backward pass that calls `f` again: leaves the caller's random-number state as it was."""
         return contextlib.nullcontext() if self.scope is None else self.scope.backward()
 
+    def _in_scope(self, t: Tensor, y: Tensor):
+        """One call of `f` in the solve's `FieldScope`."""
+        with self.scope.evaluation():
+            return self.call(t, y)
+
     def _first_call(self, t: Tensor, y: Tensor):
         """The first evaluation, whose failure is explained where `f` is called the wrong way."""
         try:
-            if self.scope is None:
-                return self.call(t, y)
-            with self.scope.evaluation():
-                return self.call(t, y)
+            return self.call(t, y) if self.scope is None else self._in_scope(t, y)
         except (TypeError, RuntimeError) as err:
             better = _signature_error(self.f, t, y, self.call) or _dtype_error(self.f, y)
             if better is None:
@@ -331,22 +330,8 @@ def integrate(
     is the dense output at `t + θh`, and `LoopResult.event_t` that time. Reaching `t_max`
     first is a success with `event_t=None`. Without an event the loops do no extra work.
     """
-    limit = None
-    emit, found = _emit, []
-    if event is not None:
-
-        def emit(solver, outputs, due, nxt, direction, t, h, t_new, y, y1, ks):
-            # Called at every step end (`due`: `ts`, or a fixed loop's whole grid).
-            theta = event(solver, t, h, y, y1, ks)
-            if theta is not None:  # the root, in this step: the last output
-                found.append(t + theta * h)
-                outputs[-1] = solver.interpolate(y, h, ks, theta)
-                return len(due), ((len(outputs) - 1, theta),)
-            if t_new == due[-1]:  # t_max, before any root
-                outputs[-1] = y1
-                return len(due), ((len(outputs) - 1, None),)
-            return (nxt + 1 if t_new == due[nxt] else nxt), ()
-
+    limit, found = None, []
+    emit = _emit if event is None else _event_emit(event, found)
     if solver.adaptive:
         control = control or _DEFAULT_ADAPTIVE
         span = ts[-1] - ts[0]  # infinite for an event search without t_max: the limit is then max_steps or its floor
@@ -359,13 +344,32 @@ def integrate(
                 f"grid= must start at ts[0]={ts[0]} and end at ts[-1]={ts[-1]} (at least two points), got "
                 f"{list(grid)}."
             )
-        res = _fixed_loop(f, y0, ts, solver, stats, grid, record, None if event is None else emit)
+        res = _fixed_loop(f, y0, ts, solver, stats, grid, record, emit)
     outputs, status, t, h, records, log = res
     stats.final_step = h
     if status is not Status.SUCCESS:
         nan = torch.full_like(y0, float("nan"))
         outputs = [o if o is not None else nan for o in outputs]
     return LoopResult(outputs, status, t, h, records, log, limit, found[0] if found else None)
+
+
+def _event_emit(event, found: list):
+    """The output step of an event search: called at every step end (`due`: `ts`, or a fixed
+    loop's whole grid), it ends the solve at the root `event` locates (appending its time to
+    `found`), or at `t_max`."""
+
+    def emit(solver, outputs, due, nxt, direction, t, h, t_new, y, y1, ks):
+        theta = event(solver, t, h, y, y1, ks)
+        if theta is not None:  # the root, in this step: the last output
+            found.append(t + theta * h)
+            outputs[-1] = solver.interpolate(y, h, ks, theta)
+            return len(due), ((len(outputs) - 1, theta),)
+        if t_new == due[-1]:  # t_max, before any root
+            outputs[-1] = y1
+            return len(due), ((len(outputs) - 1, None),)
+        return (nxt + 1 if t_new == due[nxt] else nxt), ()
+
+    return emit
 
 
 def _emit(solver: ExplicitRK, outputs: list, ts: Sequence[float], nxt: int, direction: float, t: float, h: float,
@@ -412,11 +416,11 @@ def _plan(grid: Tuple[float, ...], c: Tuple[float, ...]) -> _GridPlan:
 
 
 def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: SolveStats,
-                grid: Tuple[float, ...], record: bool, event_emit=None):
+                grid: Tuple[float, ...], record: bool, emit=_emit):
     """Every step of a known grid, with nothing read back from the device until the end.
 
-    With an event's `event_emit` (see `integrate`), every step end is checked instead (the
-    event's host read per step), and the loop stops at the step where it fires."""
+    With an event's `emit` (`_event_emit`), every step end is checked instead (the event's
+    host read per step), and the loop stops at the step where it fires."""
     n_out = len(ts)
     outputs: List[Optional[Tensor]] = [None] * n_out
     outputs[0] = y0
@@ -427,7 +431,7 @@ def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: S
     hs = list(plan.hs)
     times = plan.times  # floats: CountedFunc makes each a 0-dim tensor when it calls f
     # The times at which `emit` runs: the output times, or with an event every step end.
-    due, emit = (ts, _emit) if event_emit is None else (grid, event_emit)
+    due = ts if emit is _emit else grid
     n_due = len(due)
     y, k1, nxt = y0, None, 1
     for i, h in enumerate(hs):
