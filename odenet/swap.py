@@ -92,6 +92,11 @@ def swap_blocks(
     if not isinstance(model, nn.Module):
         raise TypeError(f"swap_blocks needs an nn.Module, got {type(model).__name__}.")
     _check_swap_keywords(kwargs, select, branches)
+    if select is None and (merge or not strict):
+        raise TypeError(
+            "merge= and strict= apply to blocks converted with select= and branches=; odenet's own blocks (and "
+            "runs converted before) keep how they were made. Pass select= and branches= to convert other blocks."
+        )
     if select is None:
         return _swap_own(model, solver, kwargs)
     base = block_options(solver, kwargs.get("control"), kwargs.get("gradient", "direct"), kwargs)  # fails early

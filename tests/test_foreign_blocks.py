@@ -313,6 +313,8 @@ def test_selecting_nothing_and_half_given_arguments_raise():
         odenet.swap_blocks(model, select=BasicBlock, branches=POSTACT_BRANCHES)
     with pytest.raises(TypeError, match="select= and branches= together"):
         odenet.swap_blocks(model, select=Block)
+    with pytest.raises(TypeError, match="merge= and strict= apply to blocks converted with select="):
+        odenet.swap_blocks(model, solver="dopri5", merge=True)
     with pytest.raises(TypeError, match="select must be a class"):
         odenet.swap_blocks(model, select="Block", branches=GPT_BRANCHES)
     assert isinstance(model.transformer.h[0], Block)  # nothing changed
