@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +13,7 @@ from .gradients import GradientMethod
 from .odeint import solve_with_options
 from .options import SHORTHAND, SolveOptions, check_keywords, options_from
 from .regularization import RNODE, solve_regularized
-from .solution import Solution
+from .solution import Solution, StepInfo
 from .solvers.control import Adaptive, Fixed
 from .solvers.rk import ExplicitRK
 from .solvers.stats import SolveStats
@@ -167,7 +167,8 @@ class ODEBlock(nn.Module):
     Settings are checked here, so a bad combination fails at construction; the block keeps
     them as `options` (also readable as `solver`, `control`, `gradient`). After each call,
     `last_stats` holds the `odenet.SolveStats` of that solve (its backward counts fill in
-    when `backward()` runs).
+    when `backward()` runs) and `last_steps` its steps, `StepInfo(t, h, accepted)` (for
+    `odenet.plotting.plot_step_sizes(block)`).
 
     **Raises:** `ValueError`/`TypeError` for a bad setting or combination (naming the value and
     the fix), `t0 == t1`, a tensor `t1` that is not 0-dim and floating, an `f` that is not an
@@ -215,6 +216,7 @@ class ODEBlock(nn.Module):
             raise ValueError(f"t0 and t1 must differ, got t0 = t1 = {self.t0}.")
         self.options: SolveOptions = block_options(solver, control, gradient, settings)
         self.last_stats: Optional[SolveStats] = None
+        self.last_steps: Optional[List[StepInfo]] = None
 
     @property
     def solver(self):
@@ -244,7 +246,7 @@ class ODEBlock(nn.Module):
 
     def _solve(self, x: Tensor, t, context: dict) -> Solution:
         sol = solve_with_options(self.f, x, self._span() if t is None else t, self.options, context=context)
-        self.last_stats = sol.stats
+        self.last_stats, self.last_steps = sol.stats, sol.steps
         return sol
 
     def solve(self, x: Tensor, t: Optional[Union[Tensor, Sequence[float]]] = None, **context) -> Solution:
@@ -266,7 +268,7 @@ class ODEBlock(nn.Module):
             f = _Bound(self.f, context)
             inputs = [*self.f.parameters(), *(v for v in context.values() if isinstance(v, Tensor))]
         res = solve_regularized(f, x, self._span(), self.options, self.regularization, adjoint_params=inputs)
-        self.last_stats = res.solution.stats
+        self.last_stats, self.last_steps = res.solution.stats, res.solution.steps
         self.last_regularization = res.regularization
         return res.solution.ys[-1]
 

@@ -7,9 +7,9 @@ makes a new `matplotlib.figure.Figure`; save it with `fig.savefig("name.png")`.
 
 | function | shows |
 |---|---|
-| :func:`plot_trajectories` | hidden states through depth (2-D/3-D, PCA for more dimensions); discrete residual states on top of the continuous ODE curve of the same `f` |
-| :func:`plot_vector_field` | a 2-D dynamics `f(t, x)` as streamlines or arrows, at one or several times |
-| :func:`plot_step_sizes` | the accepted and rejected steps of one solve and their sizes over `t` |
+| :func:`plot_trajectories` | hidden states through depth (2-D/3-D, PCA for more dimensions), each token of `[batch, tokens, dim]` states on its own with `tokens=`; discrete residual states on top of the continuous ODE curve of the same `f` |
+| :func:`plot_vector_field` | a dynamics `f(t, x)` as streamlines or arrows, at one or several times; over two dimensions on a slice or a projection |
+| :func:`plot_step_sizes` | the accepted and rejected steps of one solve (a `Solution`, or an `ODEBlock` after a forward) and their sizes over `t` |
 | :func:`plot_nfe_over_training` | function evaluations per iteration during training |
 | :func:`plot_pareto` | accuracy against cost (NFE, memory, ...) with the Pareto front |
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import operator
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -178,6 +179,15 @@ def _trajectory_data(block, x: Tensor, n_points: int, reference: str, rtol: floa
     return cont, disc, segs, names
 
 
+def _pca(flat: np.ndarray, k: int):
+    """Mean, the first `k` principal directions [k, D] (each with its largest entry positive), variance fractions."""
+    mean = flat.mean(0)
+    _, s, vt = np.linalg.svd(flat - mean, full_matrices=False)
+    comps = vt[:k]
+    comps *= np.sign(comps[np.arange(len(comps)), np.abs(comps).argmax(1)])[:, None]  # deterministic signs
+    return mean, comps, s**2 / max(float((s**2).sum()), 1e-300)
+
+
 def _project(c: np.ndarray, d: Optional[np.ndarray], dims: Optional[int]):
     """Project [M, B, D] (and [K, B, D]) states to `dims` coordinates; PCA when dims < D."""
     D = c.shape[-1]
@@ -187,19 +197,63 @@ def _project(c: np.ndarray, d: Optional[np.ndarray], dims: Optional[int]):
         raise ValueError(f"dims={dims} is more than the state's {D} dimensions; use dims <= {D}.")
     if dims == D:
         return c, d, [f"$x_{i + 1}$" for i in range(D)]
-    flat = c.reshape(-1, D)
-    mean = flat.mean(0)
-    _, s, vt = np.linalg.svd(flat - mean, full_matrices=False)
-    comps = vt[:dims]
-    comps *= np.sign(comps[np.arange(dims), np.abs(comps).argmax(1)])[:, None]  # deterministic signs
-    var = s**2 / max(float((s**2).sum()), 1e-300)
+    mean, comps, var = _pca(c.reshape(-1, D), dims)
     labels = [f"PC{i + 1} ({100 * var[i]:.0f}% var.)" for i in range(dims)]
     proj = lambda a: (a - mean) @ comps.T  # noqa: E731
     return proj(c), (proj(d) if d is not None else None), labels
 
 
-def _trajectory_args(x, n_points, dims, labels, color_by):
-    """Check plot_trajectories' inputs; return the labels as integers (or None) and the colouring."""
+def _indices(name: str, value, size: int) -> np.ndarray:
+    """`value` (`"all"`, an index, a sequence of them or a slice) as indices in `[0, size)`."""
+    if isinstance(value, slice):
+        idx = np.arange(size)[value]
+    elif isinstance(value, str) and value == "all":
+        idx = np.arange(size)
+    else:
+        value = value.tolist() if isinstance(value, (Tensor, np.ndarray)) else value
+        try:
+            idx = np.array([operator.index(v) for v in ([value] if isinstance(value, numbers.Integral) else value)],
+                           dtype=int)
+        except TypeError:
+            raise TypeError(f"{name} must be 'all', an index, a sequence of indices or a slice, "
+                            f"got {value!r}.") from None
+        bad = idx[(idx < -size) | (idx >= size)]
+        if len(bad):
+            raise ValueError(f"{name} {bad.tolist()} out of range: x has {size} {name}; use indices 0 to {size - 1} "
+                             "(or negative ones, counted from the end).")
+        idx = idx % size
+    if not len(idx):
+        raise ValueError(f"{name}={value!r} selects no {name}; select at least one.")
+    return idx
+
+
+def _selection(x: Tensor, samples, tokens):
+    """The drawn samples and tokens as `(sample indices, token indices or None)`, or None for all samples, no tokens."""
+    if samples is None and tokens is None:
+        return None
+    s_idx = np.arange(x.shape[0]) if samples is None else _indices("samples", samples, x.shape[0])
+    if tokens is None:
+        return s_idx, None
+    if x.dim() != 3:
+        raise ValueError(
+            f"tokens= draws each token of states shaped [batch, tokens, dim], but x has shape {tuple(x.shape)}; "
+            "pass x of rank 3, or leave tokens=None for one trajectory per input."
+        )
+    return s_idx, _indices("tokens", tokens, x.shape[1])
+
+
+def _select(states: Tensor, sel) -> Tensor:
+    """States [N, B, ...] of the selected samples, as [N, S, ...], or [N, S * K, D] with tokens (sample-major)."""
+    if sel is None:
+        return states
+    states = states[:, torch.as_tensor(sel[0])]
+    if sel[1] is None:
+        return states
+    return states[:, :, torch.as_tensor(sel[1])].reshape(states.shape[0], -1, states.shape[-1])
+
+
+def _trajectory_args(x, n_points, dims, labels, color_by, samples, tokens):
+    """Check plot_trajectories' inputs; return the labels as integers (or None), the colouring and the selection."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point torch.Tensor, got {type(x).__name__}.")
     if x.dim() < 2:
@@ -208,6 +262,7 @@ def _trajectory_args(x, n_points, dims, labels, color_by):
         raise ValueError(f"n_points must be an integer >= 2, got {n_points!r}.")
     if dims is not None and dims not in (1, 2, 3):
         raise ValueError(f"dims must be 1, 2 or 3 (or None for automatic), got {dims!r}.")
+    sel = _selection(x, samples, tokens)
     lab = None
     if labels is not None:
         lab = _numpy(labels).astype(int).reshape(-1)
@@ -218,12 +273,14 @@ def _trajectory_args(x, n_points, dims, labels, color_by):
         if (lab < 0).any():
             raise ValueError("labels must be non-negative class indices.")
     if color_by is None:
-        color_by = "class" if lab is not None else "depth"
-    if color_by not in ("class", "depth"):
-        raise ValueError(f"color_by must be 'class' or 'depth', got {color_by!r}.")
+        color_by = "class" if lab is not None else ("token" if tokens is not None else "depth")
+    if color_by not in ("class", "depth", "token", "sample"):
+        raise ValueError(f"color_by must be 'class', 'depth', 'token' or 'sample', got {color_by!r}.")
     if color_by == "class" and lab is None:
         raise ValueError("color_by='class' needs labels=; pass the class of each input or use color_by='depth'.")
-    return lab, color_by
+    if color_by == "token" and tokens is None:
+        raise ValueError("color_by='token' needs tokens= (which token positions to draw), e.g. tokens='all'.")
+    return lab, color_by, sel
 
 
 def _with_depth(states: np.ndarray, depth: np.ndarray, first: bool) -> np.ndarray:
@@ -338,13 +395,58 @@ def _finish_trajectory_axes(ax, C: np.ndarray, Dd: Optional[np.ndarray], axis_la
             ax.set_aspect("equal", adjustable="datalim")
 
 
-def _trajectory_legend(ax, class_color: Dict[int, str], class_names, discrete: bool, reference_solver: str) -> None:
-    """Legend: the classes in `class_color`, the curves, the residual states (if discrete), the inputs."""
+def _line_colours(color_by: str, lab, sel, n_lines: int, class_names, cmap):
+    """Colours of the drawn lines (None: by depth), legend entries `{name: colour}`, and for over ten
+    tokens or samples the `(norm, label)` of a colour bar instead of entries."""
+    from matplotlib import colormaps
+    from matplotlib.colors import Colormap, Normalize, to_hex
+
+    if color_by == "depth":
+        return None, {}, None
+    s_idx, t_idx = sel if sel is not None else (np.arange(n_lines), None)
+    per = 1 if t_idx is None else len(t_idx)  # lines per sample
+    if color_by == "class":
+        values = np.repeat(lab[s_idx], per)
+        names = list(class_names) if class_names is not None else []
+        name = lambda v: names[v] if v < len(names) else f"class {v}"  # noqa: E731
+    else:
+        values = np.tile(t_idx, len(s_idx)) if color_by == "token" else np.repeat(s_idx, per)
+        name = lambda v: f"{color_by} {v}"  # noqa: E731
+    cats = sorted(set(values.tolist()))
+    if color_by == "class" or len(cats) <= len(_PALETTE):
+        colour = {c: _PALETTE[i % len(_PALETTE)] for i, c in enumerate(cats)}
+        return [colour[v] for v in values], {name(c): colour[c] for c in cats}, None
+    cm = cmap if isinstance(cmap, Colormap) else colormaps[cmap]
+    norm = Normalize(vmin=cats[0], vmax=cats[-1])
+    return [to_hex(cm(norm(v))) for v in values], {}, (norm, "token position" if color_by == "token" else "sample")
+
+
+def _trajectory_title(Dd: Optional[np.ndarray], disc_names: List[str], segs: List[_Segment]) -> str:
+    """The default title: the discrete steps on the flow, or the continuous block's solver."""
+    if Dd is not None:
+        return f"{Dd.shape[0] - 1} discrete steps ({', '.join(disc_names)}) on the continuous flow of the same $f$"
+    return f"Continuous-depth trajectories ({segs[0].name})"
+
+
+def _depth_norm(depth: np.ndarray):
+    """The colour scale of depth: from its lowest to its highest value."""
+    from matplotlib.colors import Normalize
+
+    return Normalize(vmin=float(depth.min()), vmax=float(depth.max()))
+
+
+def _colour_bar(fig, ax, norm, label: str, cmap, pad: float) -> None:
+    """A colour bar of `cmap` over `norm` beside `ax`."""
+    from matplotlib.cm import ScalarMappable
+
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=label, shrink=0.8, pad=pad)
+
+
+def _trajectory_legend(ax, named_colours: Dict[str, str], discrete: bool, reference_solver: str) -> None:
+    """Legend: the groups in `named_colours`, the curves, the residual states (if discrete), the inputs."""
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=colour, lw=2,
-                      label=(class_names[cl] if class_names is not None and cl < len(class_names) else f"class {cl}"))
-               for cl, colour in class_color.items()]
+    handles = [Line2D([], [], color=colour, lw=2, label=name) for name, colour in named_colours.items()]
     handles.append(Line2D([], [], color="0.35", lw=1.3,
                           label=f"continuous ODE ({reference_solver})" if discrete else "trajectory"))
     if discrete:
@@ -361,6 +463,8 @@ def plot_trajectories(
     *,
     labels: Optional[Union[Tensor, Sequence[int]]] = None,
     color_by: Optional[str] = None,
+    samples=None,
+    tokens=None,
     dims: Optional[int] = None,
     depth_axis: bool = False,
     n_points: int = 100,
@@ -385,20 +489,24 @@ def plot_trajectories(
     - `block`: an `odenet.ODEBlock`, an `odenet.ResBlock`, or an `nn.Sequential`/`nn.ModuleList` of them.
     - `x`: batched inputs of the block, `[B, ...]` (apply `odenet.Augment` or any input layer first).
     - `labels`: optional class of each input, `[B]` integers.
-    - `color_by`: `"class"` (default with `labels`) or `"depth"` (along `cmap`, with a colour bar).
+    - `color_by`: `"class"` (default with `labels`), `"token"` (default with `tokens`), `"sample"`,
+      or `"depth"` (along `cmap`, with a colour bar; the default otherwise).
+    - `samples`, `tokens`: what is drawn (the block runs on all of `x`): batch indices (default all),
+      and for `[B, T, D]` states (a transformer's) token positions, each token its own trajectory
+      (PCA over all drawn tokens and depths): `"all"`, an index, a sequence of them or a slice.
     - `dims`: plotted state coordinates, 1, 2 or 3 (default: the state dimension up to 3, else 2).
     - `depth_axis`: add depth as an axis (a 2-D state then gives a 3-D picture; always on for one coordinate).
     - `n_points`: points along each continuous curve (default 100).
     - `reference_solver`, `rtol`, `atol`: how a discrete block's curve is solved (default `"dopri5"`, `1e-5`).
     - `class_names`: legend names of the classes (default `"class k"`).
-    - `cmap`: colour map for `color_by="depth"` (default `"viridis"`).
+    - `cmap`: colour map for depth, and for over ten tokens or samples (default `"viridis"`).
     - `title`, `legend`: the axes title (default: a description of the block); whether to draw the legend.
     - `ax`: a matplotlib `Axes` to draw into (3-D for a 3-D picture); default a new figure.
 
     **Returns:** the `matplotlib.figure.Figure`.
 
-    **Raises:** `TypeError`/`ValueError` for an unsupported block, an unbatched `x`, labels of
-    the wrong length, or `dims`/`color_by` out of range.
+    **Raises:** `TypeError`/`ValueError` for an unsupported block, an unbatched `x`, labels of the
+    wrong length, `tokens` with `x` not `[B, T, D]`, indices out of range, or `dims`/`color_by` out of range.
 
     **Example:**
 
@@ -406,34 +514,27 @@ def plot_trajectories(
     x = torch.randn(64, 2)
     block = odenet.ODEBlock(odenet.MLPDynamics(dim=2, hidden=32), solver="euler", steps=8)
     fig = odenet.plotting.plot_trajectories(block, x, labels=(x.norm(dim=1) > 1).long())
+    block8 = odenet.ODEBlock(odenet.MLPDynamics(dim=8))       # states [batch, tokens, dim]
+    fig = odenet.plotting.plot_trajectories(block8, torch.randn(4, 6, 8), samples=[0], tokens="all")
     ```
     """
-    from matplotlib.colors import Normalize
-
-    lab, color_by = _trajectory_args(x, n_points, dims, labels, color_by)
+    lab, color_by, sel = _trajectory_args(x, n_points, dims, labels, color_by, samples, tokens)
     (c_depth, c_states), disc, segs, disc_names = _trajectory_data(block, x, n_points, reference_solver, rtol, atol)
+    c_states, disc = _select(c_states, sel), (disc[0], _select(disc[1], sel)) if disc is not None else None
     C, Dd, axis_labels, depth_axis = _trajectory_coords(c_depth, c_states, disc, dims, depth_axis)
     k = C.shape[-1]
     size = (6.4, 5.6) if k == 3 else ((7.0, 4.2) if k == 2 and depth_axis else (5.8, 5.2))
     fig, ax = _new_axes(ax, size, "3d" if k == 3 else None)
-    norm = Normalize(vmin=float(c_depth.min()), vmax=float(c_depth.max()))
-    by_class = color_by == "class"
-    class_color = {cl: _PALETTE[i % len(_PALETTE)] for i, cl in enumerate(sorted(set(lab.tolist())))} if by_class else {}
-    colours = [class_color[v] for v in lab] if by_class else None
+    norm = _depth_norm(c_depth)
+    colours, named, bar = _line_colours(color_by, lab, sel, C.shape[1], class_names, cmap)
     _draw_curves(ax, C, c_depth, colours, cmap, norm, discrete=Dd is not None)
     _draw_states(ax, C, Dd, c_depth, disc[0] if disc is not None else None, colours, cmap, norm)
     _finish_trajectory_axes(ax, C, Dd, axis_labels, depth_axis)
-    if not by_class:
-        from matplotlib.cm import ScalarMappable
-
-        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="depth $t$", shrink=0.8,
-                     pad=0.08 if k == 3 else 0.02)
-    if title is None:
-        title = (f"{Dd.shape[0] - 1} discrete steps ({', '.join(disc_names)}) on the continuous flow of the same $f$"
-                 if Dd is not None else f"Continuous-depth trajectories ({segs[0].name})")
-    ax.set_title(title, fontsize=10)
+    if colours is None or bar is not None:
+        _colour_bar(fig, ax, *(bar or (norm, "depth $t$")), cmap, pad=0.08 if k == 3 else 0.02)
+    ax.set_title(title if title is not None else _trajectory_title(Dd, disc_names, segs), fontsize=10)
     if legend:
-        _trajectory_legend(ax, class_color, class_names, Dd is not None, reference_solver)
+        _trajectory_legend(ax, named, Dd is not None, reference_solver)
     return fig
 
 
@@ -462,11 +563,10 @@ def _check_range(name: str, r) -> Tuple[float, float]:
     return a, b
 
 
-def _field_args(f, xlim, ylim, n, style: str, t):
-    """Check plot_vector_field's inputs; return the ranges `(x0, x1)`, `(y0, y1)` and the times."""
+def _field_args(f, n, style: str, t) -> List[float]:
+    """Check plot_vector_field's inputs; return the times."""
     if not callable(f):
         raise TypeError(f"f must be callable as f(t, x), got {type(f).__name__}.")
-    xr, yr = _check_range("xlim", xlim), _check_range("ylim", ylim)
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 2:
         raise ValueError(f"n (grid points per axis) must be an integer >= 2, got {n!r}.")
     if style not in ("stream", "quiver"):
@@ -478,26 +578,126 @@ def _field_args(f, xlim, ylim, n, style: str, t):
         raise TypeError(f"t must be a number or a sequence of numbers, got {t!r}.") from None
     if not times:
         raise ValueError("t is empty; give at least one time.")
-    return xr, yr, times
+    return times
 
 
-def _field_on_grid(f, times: List[float], xs: np.ndarray, ys: np.ndarray, dtype, device):
-    """`f(t, ·)` on the grid `xs × ys` at each time, as `(U, V)` arrays [n, n]; `f` must map [N, 2] to [N, 2]."""
+@dataclasses.dataclass
+class _Plane:
+    """The plane of the state space that a vector field plot shows: plot point `u` is the state
+    `origin + u @ basis`, or for a slice (`coords`) the state `origin` with those two entries set to `u`."""
+
+    origin: np.ndarray  # [D]
+    basis: np.ndarray  # [2, D]
+    coords: Optional[Tuple[int, int]]
+    labels: Tuple[str, str]
+
+    def states(self, u: np.ndarray) -> np.ndarray:
+        """Plot points [N, 2] as states [N, D]."""
+        if self.coords is None:
+            return self.origin + u @ self.basis
+        x = np.repeat(self.origin[None], len(u), 0)
+        x[:, list(self.coords)] = u
+        return x
+
+    def field(self, v: np.ndarray) -> np.ndarray:
+        """Vectors [..., D] in plot coordinates [..., 2]: the slice's two entries, or the orthogonal
+        projection on the basis' span written in the basis, `(B Bᵀ)⁻¹ B v`."""
+        if self.coords is not None:
+            return v[..., list(self.coords)]
+        return v @ np.linalg.solve(self.basis @ self.basis.T, self.basis).T
+
+    def where(self, x: np.ndarray) -> np.ndarray:
+        """States [..., D] in plot coordinates [..., 2]."""
+        return self.field(x if self.coords is not None else x - self.origin)
+
+
+def _check_coords(coords, D: int) -> Tuple[int, int]:
+    """`coords` as two different coordinate indices of a D-dimensional state (default `(0, 1)`)."""
+    if coords is None:
+        return 0, 1
+    try:
+        i, j = (operator.index(c) for c in coords)
+    except (TypeError, ValueError):
+        raise TypeError(f"coords must be two coordinate indices (i, j), got {coords!r}.") from None
+    if not (0 <= i < D and 0 <= j < D) or i == j:
+        raise ValueError(f"coords must be two different indices in 0..{D - 1} (the state has {D} dimensions), "
+                         f"got {coords!r}.")
+    return i, j
+
+
+def _plane(coords, base, basis, traj: Optional[np.ndarray]) -> _Plane:
+    """The plane drawn: the slice along `coords` through `base`, or the span of `basis` (`[2, D]`, or
+    `"pca"` of the trajectories) through `base`; the state dimension D comes from them (default 2)."""
+    pca = isinstance(basis, str)
+    if pca and (basis != "pca" or traj is None):
+        raise ValueError(f"basis={basis!r}: give a [2, D] basis, or 'pca' with trajectories= (the states whose "
+                         "first two principal components span the plane).")
+    B = None if basis is None or pca else _numpy(basis)
+    p = None if base is None else _numpy(base)
+    if p is not None and p.ndim != 1:
+        raise ValueError(f"base must be one state, shape [D], got shape {p.shape}.")
+    D = next(a.shape[-1] for a in (p, B, traj, np.zeros(2)) if a is not None)
+    if (B is not None and B.shape != (2, D)) or (traj is not None and traj.shape[-1] != D) or D < 2:
+        shapes = {k: v.shape for k, v in (("base", p), ("basis", B), ("trajectories", traj)) if v is not None}
+        raise ValueError(f"the state dimension D >= 2 must agree: base [D], basis [2, D], trajectories [..., D]; "
+                         f"got shapes {shapes}.")
+    origin = np.zeros(D) if p is None else p
+    if basis is None:
+        i, j = _check_coords(coords, D)
+        return _Plane(origin, np.eye(D)[[i, j]], (i, j), (f"$x_{{{i + 1}}}$", f"$x_{{{j + 1}}}$"))
+    if coords is not None:
+        raise ValueError("coords= chooses a slice, basis= a projection; pass one of them.")
+    if not pca:
+        if np.linalg.matrix_rank(B) < 2:
+            raise ValueError(f"the two rows of basis must be linearly independent to span a plane, got {B.tolist()}.")
+        return _Plane(origin, B, None, ("$u_1$", "$u_2$"))
+    flat = traj.reshape(-1, D)
+    flat = flat[np.isfinite(flat).all(1)]
+    if len(flat) < 2:
+        raise ValueError("basis='pca' needs at least two finite states in trajectories=.")
+    mean, comps, var = _pca(flat, 2)
+    labels = tuple(f"PC{k + 1} ({100 * var[k]:.0f}% var.)" for k in range(2))
+    return _Plane(mean if p is None else origin, comps, None, labels)
+
+
+def _field_limits(xlim, ylim, fit: Optional[np.ndarray]):
+    """The checked plot ranges: as given, else `(-2, 2)`, or (with `fit`, points [..., 2]) their padded range."""
+    default = [(-2.0, 2.0)] * 2
+    pts = fit.reshape(-1, 2)[np.isfinite(fit.reshape(-1, 2)).all(1)] if fit is not None else np.zeros((0, 2))
+    if len(pts):
+        lo, hi = pts.min(0), pts.max(0)
+        pad = 0.1 * np.maximum(hi - lo, 1e-3)
+        default = [(lo[k] - pad[k], hi[k] + pad[k]) for k in range(2)]
+    return (_check_range("xlim", default[0] if xlim is None else xlim),
+            _check_range("ylim", default[1] if ylim is None else ylim))
+
+
+def _field_on_grid(f, times: List[float], xr, yr, n: int, dtype, device, plane: _Plane):
+    """The plane's n × n grid `xs`, `ys` over the ranges `xr`, `yr`, and `f(t, ·)` there at each time, in plot
+    coordinates, as `(U, V)` arrays [n, n]."""
+    xs, ys = np.linspace(*xr, n), np.linspace(*yr, n)
     X, Y = np.meshgrid(xs, ys)
-    grid = torch.tensor(np.stack([X.ravel(), Y.ravel()], 1), dtype=dtype, device=device)
-    fields = []
+    grid = torch.tensor(plane.states(np.stack([X.ravel(), Y.ravel()], 1)), dtype=dtype, device=device)
+    D, fields = grid.shape[1], []
     with torch.no_grad():
         for tv in times:
-            out = f(torch.full((), tv, dtype=dtype, device=device), grid)
+            try:
+                out = f(torch.full((), tv, dtype=dtype, device=device), grid)
+            except (RuntimeError, ValueError) as err:  # e.g. torch's shape error for a D-dimensional f
+                raise ValueError(
+                    f"f failed on a batch of {D}-D states {tuple(grid.shape)}: {err}. If f acts on states of another "
+                    "dimension D, say which plane to draw: base= (a state [D]; the slice through it along coords=) "
+                    "or basis= ([2, D], or 'pca' with trajectories=)."
+                ) from err
             if not isinstance(out, Tensor) or out.shape != grid.shape:
                 got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                 raise ValueError(
-                    f"f must map a batch of 2-D points [N, 2] to [N, 2] (a 2-D dynamics), got {got} for input "
-                    f"{tuple(grid.shape)}. For higher dimensions plot trajectories with plot_trajectories."
+                    f"f must map a batch of states [N, {D}] to [N, {D}] (the dynamics of a {D}-D state), got {got} "
+                    f"for input {tuple(grid.shape)}. For states of another dimension give base= or basis=."
                 )
-            v = _numpy(out)
+            v = plane.field(_numpy(out))
             fields.append((v[:, 0].reshape(X.shape), v[:, 1].reshape(X.shape)))
-    return fields
+    return xs, ys, fields
 
 
 def _field_axes(ax, K: int):
@@ -518,14 +718,14 @@ def _field_axes(ax, K: int):
 
 
 def _overlay(trajectories) -> Optional[np.ndarray]:
-    """The trajectories to overlay as [M, B, 2] (from [M, 2] or [M, B, 2]), or None."""
+    """The trajectories to overlay as [M, B, D] (from [M, D] or [M, B, D]), or None."""
     if trajectories is None:
         return None
     traj = _numpy(trajectories)
     if traj.ndim == 2:
         traj = traj[:, None, :]
-    if traj.ndim != 3 or traj.shape[-1] != 2:
-        raise ValueError(f"trajectories must have shape [M, 2] or [M, B, 2], got {traj.shape}.")
+    if traj.ndim != 3:
+        raise ValueError(f"trajectories must have shape [M, D] or [M, B, D], got {traj.shape}.")
     return traj
 
 
@@ -549,15 +749,38 @@ def _draw_paths(a, traj: np.ndarray) -> None:
     a.scatter(traj[0, :, 0], traj[0, :, 1], s=18, c="white", edgecolors="#d62728", zorder=6)
 
 
+def _speed_norm(fields):
+    """One colour scale from 0 to the largest speed over all times' `(U, V)`."""
+    from matplotlib.colors import Normalize
+
+    speed_max = max(float(np.nanmax(np.hypot(u, w))) for u, w in fields)
+    return Normalize(vmin=0.0, vmax=speed_max if speed_max > 0 else 1.0)
+
+
+def _field_panel(a, xr, yr, labels, title: str) -> None:
+    """Limits, equal aspect, axis labels, title and open spines of one vector field panel."""
+    a.set_xlim(*xr)
+    a.set_ylim(*yr)
+    a.set_aspect("equal")
+    a.set_xlabel(labels[0])
+    a.set_ylabel(labels[1])
+    a.set_title(title, fontsize=10)
+    for side in ("top", "right"):
+        a.spines[side].set_visible(False)
+
+
 def plot_vector_field(
     f,
     *,
-    xlim: Tuple[float, float] = (-2.0, 2.0),
-    ylim: Tuple[float, float] = (-2.0, 2.0),
+    xlim: Optional[Tuple[float, float]] = None,
+    ylim: Optional[Tuple[float, float]] = None,
     t: Union[float, Sequence[float]] = 0.0,
     n: int = 25,
     style: str = "stream",
     trajectories=None,
+    coords: Optional[Tuple[int, int]] = None,
+    base=None,
+    basis=None,
     cmap: str = "viridis",
     dtype: Optional[torch.dtype] = None,
     device=None,
@@ -565,19 +788,25 @@ def plot_vector_field(
     title: Optional[str] = None,
     ax=None,
 ):
-    """Draw a 2-D dynamics `dx/dt = f(t, x)` on a grid, at one time or at several ("slider") times.
+    """Draw a dynamics `dx/dt = f(t, x)` on a 2-D grid, at one time or at several ("slider") times.
 
-    Streamlines or arrows are coloured by speed `||f||`, on one colour scale for all times.
+    Streamlines or arrows are coloured by speed, on one colour scale for all times. States of D > 2
+    dimensions are drawn on a **slice** (coordinates `coords` vary, the others stay at `base`; arrows are
+    those two components of `f`) or a **projection** (the span of `basis` through `base`; `f` projected on it).
 
     **Arguments:**
 
-    - `f`: a callable `f(t, x)` (e.g. an `nn.Module`) mapping `t` (0-dim tensor) and `[N, 2]` to `[N, 2]`.
-    - `xlim`, `ylim`: the plotted square (default `(-2, 2)` each).
+    - `f`: a callable `f(t, x)` (e.g. an `nn.Module`) mapping `t` (0-dim tensor) and `[N, D]` to `[N, D]`.
+    - `xlim`, `ylim`: the plotted ranges (default `(-2, 2)`; with `basis="pca"`, the trajectories' range).
     - `t`: the time, or a sequence of times: one panel per time, side by side.
     - `n`: grid points per axis (default 25).
     - `style`: `"stream"` (streamlines, default) or `"quiver"` (unit arrows).
-    - `trajectories`: optional states to overlay, `[M, 2]` or `[M, B, 2]` (tensor or array),
-      e.g. `block.trajectory(x, t)`.
+    - `trajectories`: optional states to overlay, `[M, D]` or `[M, B, D]` (tensor or array),
+      e.g. `block.trajectory(x, t)`; drawn in the plane's coordinates.
+    - `coords`: the two coordinates `(i, j)` of a slice (default `(0, 1)`).
+    - `base`: the state `[D]` the plane passes through (default zeros; with `basis="pca"` the trajectories' mean).
+    - `basis`: a projection instead of a slice: a `[2, D]` tensor/array whose rows span the
+      plane (plot coordinates along them), or `"pca"`, the first two principal components of `trajectories`.
     - `cmap`: colour map of the speed (default `"viridis"`).
     - `dtype`, `device`: of the grid passed to `f` (default: those of `f`'s parameters).
     - `colorbar`: draw the speed colour bar (default `True`).
@@ -586,8 +815,9 @@ def plot_vector_field(
 
     **Returns:** the `matplotlib.figure.Figure`.
 
-    **Raises:** `TypeError`/`ValueError` for a non-callable `f`, an `f` that does not map
-    `[N, 2]` to `[N, 2]`, bad ranges, or a number of axes that does not match the times.
+    **Raises:** `TypeError`/`ValueError` for a non-callable `f`, an `f` that fails on or does not return
+    `[N, D]` (D = 2 unless `base`, `basis` or `trajectories` say otherwise), bad ranges, `coords` or
+    `basis`, shapes that disagree on D, or a number of axes that does not match the times.
 
     **Example:**
 
@@ -596,45 +826,54 @@ def plot_vector_field(
     fig = odenet.plotting.plot_vector_field(lambda t, y: (y**3) @ A.T, xlim=(-2, 2), ylim=(-2, 2))
     f = odenet.MLPDynamics(dim=2, hidden=16)                          # time-dependent
     fig = odenet.plotting.plot_vector_field(f, t=[0.0, 0.5, 1.0])     # three panels
+    f8 = odenet.MLPDynamics(dim=8)
+    fig = odenet.plotting.plot_vector_field(f8, coords=(0, 3), base=torch.zeros(8))     # a slice
+    paths = odenet.ODEBlock(f8).trajectory(torch.randn(16, 8), torch.linspace(0, 1, 20))
+    fig = odenet.plotting.plot_vector_field(f8, basis="pca", trajectories=paths.detach())
     ```
     """
-    from matplotlib.colors import Normalize
-
-    (x0, x1), (y0, y1), times = _field_args(f, xlim, ylim, n, style, t)
-    dtype, device = _dtype_device(f, dtype, device)
-    xs, ys = np.linspace(x0, x1, n), np.linspace(y0, y1, n)
-    fields = _field_on_grid(f, times, xs, ys, dtype, device)
-    speed_max = max(float(np.nanmax(np.hypot(u, w))) for u, w in fields)
-    norm = Normalize(vmin=0.0, vmax=speed_max if speed_max > 0 else 1.0)
-    fig, axes = _field_axes(ax, len(times))
+    times = _field_args(f, n, style, t)
     traj = _overlay(trajectories)
+    plane = _plane(coords, base, basis, traj)
+    traj = plane.where(traj) if traj is not None else None
+    xr, yr = _field_limits(xlim, ylim, traj if isinstance(basis, str) else None)
+    xs, ys, fields = _field_on_grid(f, times, xr, yr, n, *_dtype_device(f, dtype, device), plane)
+    norm = _speed_norm(fields)
+    fig, axes = _field_axes(ax, len(times))
     for a, tv, (U, V) in zip(axes, times, fields):
         mappable = _draw_field(a, xs, ys, U, V, style, cmap, norm)
         if traj is not None:
             _draw_paths(a, traj)
-        a.set_xlim(x0, x1)
-        a.set_ylim(y0, y1)
-        a.set_aspect("equal")
-        a.set_xlabel("$x_1$")
-        a.set_ylabel("$x_2$")
-        a.set_title(f"{title + ', ' if title else ''}$t = {tv:g}$", fontsize=10)
-        for side in ("top", "right"):
-            a.spines[side].set_visible(False)
-    if colorbar:
-        fig.colorbar(mappable, ax=axes, label="speed $\\|f(t, x)\\|$", shrink=0.85)
+        _field_panel(a, xr, yr, plane.labels, f"{title + ', ' if title else ''}$t = {tv:g}$")
+    if colorbar:  # a projected field's speed is the length of its arrows, in the plane
+        fig.colorbar(mappable, ax=axes, shrink=0.85, label="speed in the plane" if plane.basis.shape[1] > 2 else
+                     "speed $\\|f(t, x)\\|$")
     return fig
 
 
 # ---------------------------------------------------------------------------- step sizes
 
 
+def _block_steps(block: ODEBlock):
+    """The steps an ODEBlock kept of its last forward solve (`last_steps`)."""
+    steps = getattr(block, "last_steps", None)
+    if block.last_stats is None:
+        raise ValueError("This ODEBlock has not run yet, so it kept no steps: call block(x) first (or plot "
+                         "block.solve(x), a Solution).")
+    if steps is None:
+        raise ValueError("This ODEBlock kept no step log of its last solve; plot block.solve(x), a Solution.")
+    return steps
+
+
 def _steps_of(solution) -> List[Tuple[float, float, bool]]:
-    """The steps of a Solution, or a sequence of them, as checked `(t, h, accepted)` tuples."""
+    """The steps of a Solution or an ODEBlock's last solve, or a sequence of them, as checked `(t, h, accepted)`."""
     steps = getattr(solution, "steps", solution)
+    if isinstance(solution, nn.Module):  # an ODEBlock's log of its last solve; no other module keeps one
+        steps = _block_steps(solution) if isinstance(solution, ODEBlock) else None
     if isinstance(steps, (str, bytes)) or not hasattr(steps, "__iter__"):
         raise TypeError(
-            "plot_step_sizes needs an odenet.Solution (with .steps) or a sequence of (t, h, accepted) tuples, "
-            f"got {type(solution).__name__}."
+            "plot_step_sizes needs an odenet.Solution (with .steps), an odenet.ODEBlock that has run, or a sequence "
+            f"of (t, h, accepted) tuples, got {type(solution).__name__}."
         )
     out = []
     for i, s in enumerate(steps):
@@ -648,8 +887,8 @@ def _steps_of(solution) -> List[Tuple[float, float, bool]]:
         out.append((t, h, bool(acc)))
     if not out:
         raise ValueError(
-            "No steps to plot: the solution recorded none (the torchdiffeq backend records no steps). "
-            "Solve with backend='odenet', or pass (t, h, accepted) tuples."
+            "No steps to plot: the solve recorded none (the torchdiffeq backend records no steps). Solve (or build "
+            "the block) with backend='odenet', or pass (t, h, accepted) tuples."
         )
     return out
 
@@ -660,15 +899,17 @@ def plot_step_sizes(solution, *, log: bool = True, title: Optional[str] = None, 
 
     **Arguments:**
 
-    - `solution`: an `odenet.Solution` (its `steps`, a list of `StepInfo(t, h, accepted)`), or
-      any sequence of `(t, h, accepted)`: start time, signed step size, whether accepted.
+    - `solution`: an `odenet.Solution` (its `steps`, a list of `StepInfo(t, h, accepted)`), an
+      `odenet.ODEBlock` after a forward (the steps of its last solve, `block.last_steps`), or any
+      sequence of `(t, h, accepted)`: start time, signed step size, whether accepted.
     - `log`: logarithmic step-size axis (default `True`).
     - `title`: axes title (default: the counts of accepted and rejected steps).
     - `ax`: a matplotlib `Axes` to draw into; default a new figure.
 
     **Returns:** the `matplotlib.figure.Figure`.
 
-    **Raises:** `TypeError`/`ValueError` when there are no steps or they are malformed.
+    **Raises:** `TypeError`/`ValueError` when there are no steps (a block that has not run yet,
+    the torchdiffeq backend) or they are malformed.
 
     **Example:**
 
@@ -677,6 +918,9 @@ def plot_step_sizes(solution, *, log: bool = True, title: Optional[str] = None, 
                         [0.0, 10.0], solver="dopri5", rtol=1e-6, atol=1e-8)
     fig = odenet.plotting.plot_step_sizes(sol)       # sol.steps: StepInfo(t, h, accepted)
     fig = odenet.plotting.plot_step_sizes([(0.0, 0.5, True), (0.5, 1.0, False), (0.5, 0.4, True)])
+    block = odenet.ODEBlock(odenet.MLPDynamics(dim=2), rtol=1e-6, atol=1e-6)
+    block(torch.randn(8, 2))
+    fig = odenet.plotting.plot_step_sizes(block)     # the steps of its last forward
     ```
     """
     steps = _steps_of(solution)
