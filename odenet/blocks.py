@@ -161,8 +161,8 @@ class ODEBlock(nn.Module):
       weighted term, a differentiable scalar, in `last_regularization` (add it to the loss).
       In eval mode, and in `solve`/`trajectory`, the plain ODE is solved.
     - `**settings`: `backend`, `throw`, and the flat shorthand of `odenet.odeint` (`rtol`,
-      `atol`, `steps`, `step_size`, `first_step`, `min_step`, `max_steps`, `controller`,
-      `adjoint_rtol`, `adjoint_atol`, `adjoint_seminorm`).
+      `atol`, `steps`, `step_size`, `first_step`, `min_step`, `max_steps`, `controller`, `norm`,
+      `per_sample`, `adjoint_rtol`, `adjoint_atol`, `adjoint_seminorm`).
 
     Settings are checked here, so a bad combination fails at construction; the block keeps
     them as `options` (also readable as `solver`, `control`, `gradient`). After each call,

@@ -276,7 +276,8 @@ def _backward_control(box: _Box, seg: List[float]) -> Tuple[Union[Fixed, Adaptiv
     control, gradient = box.control, box.gradient
     if isinstance(control, Adaptive):
         rtol, atol = gradient.rtol or control.rtol, gradient.atol or control.atol
-        return dataclasses.replace(control, rtol=rtol, atol=atol), None
+        # Jointly: the parameter part of the adjoint state sums over the samples.
+        return dataclasses.replace(control, rtol=rtol, atol=atol, per_sample=False), None
     lo, hi = min(seg), max(seg)
     inner = [x for x in reversed(control.grid(box.ts)) if lo < x < hi]
     return control, [seg[0], *inner, seg[1]]

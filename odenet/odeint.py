@@ -9,7 +9,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .gradients import Adjoint, Direct, GradientMethod, attach_time_gradients, run_solve
+from .gradients import Adjoint, Checkpoint, Direct, GradientMethod, attach_time_gradients, run_solve
 from .options import SHORTHAND, SolveOptions, check_keywords, options_from
 from .solution import Solution
 from .solvers.control import Adaptive, Fixed
@@ -114,6 +114,24 @@ def _check_resolution(y0: Tensor, opts: SolveOptions, tol: Optional[LeafToleranc
                 f"can meet it, and the solve would end in ever smaller steps. Use {name} >= {eps:g}, or solve in "
                 "float32 (y0.float(), f.float()); under torch.autocast f still computes in half precision."
             )
+
+
+def _check_per_sample(opts: SolveOptions, structured: bool) -> None:
+    """`Adaptive(per_sample=True)` needs one batch axis and a gradient method that can step each sample alone
+    (the loop refuses the rest)."""
+    if not (opts.adaptive and opts.control.per_sample):
+        return
+    why = None
+    if opts.backend != "odenet":
+        why = f"backend={opts.backend!r} has no per-sample error control; use backend='odenet'"
+    elif isinstance(opts.gradient, Checkpoint):
+        why = "gradient='checkpoint' replays steps of one shared size; use gradient='direct' or 'adjoint'"
+    elif structured:
+        why = "a tuple, list or dict state has no single batch axis; concatenate the leaves along dim 1"
+    if why:
+        raise ValueError(
+            f"Adaptive(per_sample=True) treats y0's leading axis as a batch, but {why} (or per_sample=False)."
+        )
 
 
 def _finish(
@@ -235,6 +253,7 @@ def solve_with_options(f, y0, t, opts: SolveOptions, adjoint_params=None, contex
     t_tensor, ts = _check_inputs(f, y0, t)
     _check_resolution(y0, opts, tol)
     _check_vmap(y0, opts)
+    _check_per_sample(opts, spec is not None)
     if len(ts) == 1:  # the output is y0 itself, as in torchdiffeq
         ys, stats, status, message, steps = torch.stack([y0]), SolveStats(), Status.SUCCESS, Status.SUCCESS.message(), ()
     elif opts.backend == "torchdiffeq":

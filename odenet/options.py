@@ -23,7 +23,9 @@ BACKENDS = ("odenet", "torchdiffeq")
 DEFAULT_TOL = (1e-7, 1e-9)
 
 #: The flat keywords that build a step control (`Fixed` or `Adaptive`) and an `Adjoint`.
-CONTROL_KEYS = ("rtol", "atol", "steps", "step_size", "first_step", "min_step", "max_steps", "controller", "norm")
+CONTROL_KEYS = (
+    "rtol", "atol", "steps", "step_size", "first_step", "min_step", "max_steps", "controller", "norm", "per_sample",
+)
 ADJOINT_KEYS = ("adjoint_rtol", "adjoint_atol", "adjoint_seminorm")
 SHORTHAND = CONTROL_KEYS + ADJOINT_KEYS
 _CONTROL_SET, _ADJOINT_SET = frozenset(CONTROL_KEYS), frozenset(ADJOINT_KEYS)

@@ -143,10 +143,18 @@ class Adaptive(Option):
     - `controller`: an `odenet.solvers.PIController` (default: `PIController()`).
     - `norm`: the norm of the scaled error, `"rms"` over all elements (default, as torchdiffeq),
       `"max"`, or a callable `norm(x) -> 0-dim tensor`. The batch shares its steps, so under
-      any norm the hardest sample sets them.
+      any norm the hardest sample sets them, unless `per_sample`.
+    - `per_sample`: the leading axis of the state is a batch of independent problems, each with
+      its own time, step size, accept/reject decision and error norm (over its own elements; a
+      callable `norm` is applied per sample by `torch.func.vmap`), so that one hard sample does
+      not set the steps of all. `f` is still called on the whole batch, with `t` a tensor of
+      shape `[B, 1, ..., 1]` (each sample's time; it broadcasts against the state as a scalar
+      would). `SolveStats.n_accepted_per_sample`/`n_rejected_per_sample` give each sample's
+      steps. Works with `Direct` and `Adjoint` (whose backward solve controls the batch jointly),
+      not with `Checkpoint`, events, tuple/dict states or the torchdiffeq backend.
 
     **Raises:** `TypeError`/`ValueError` for a non-positive or non-numeric value, a
-    `controller` that is not a `PIController`, or `first_step < min_step`.
+    `controller` that is not a `PIController`, a non-bool `per_sample`, or `first_step < min_step`.
 
     **Example:**
 
@@ -163,8 +171,11 @@ class Adaptive(Option):
     max_steps: Optional[int] = None
     controller: Optional[PIController] = None
     norm: Union[str, Callable[[Tensor], Tensor]] = "rms"
+    per_sample: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.per_sample, bool):
+            raise TypeError(f"per_sample must be True or False, got {self.per_sample!r}.")
         _normalise(self, _required, ("rtol", "atol"))
         _normalise(self, positive, ("first_step", "min_step"))
         _normalise(self, positive_int, ("max_steps",))

@@ -329,7 +329,13 @@ def integrate(
     `[0, 1)` of the root it located in the step. The solve then ends there: the last output
     is the dense output at `t + θh`, and `LoopResult.event_t` that time. Reaching `t_max`
     first is a success with `event_t=None`. Without an event the loops do no extra work.
+
+    With `Adaptive(per_sample=True)`, `odenet.solvers.per_sample.integrate_per_sample` runs the solve.
     """
+    if getattr(control, "per_sample", False):
+        from .per_sample import integrate_per_sample  # here: it builds on this module
+
+        return integrate_per_sample(f, y0, ts, solver, control, stats=stats, norm=norm, record=record, event=event)
     limit, found = None, []
     emit = _emit if event is None else _event_emit(event, found)
     if solver.adaptive:

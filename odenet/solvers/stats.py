@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import List, Optional
 
 __all__ = ["SolveStats"]
 
@@ -21,7 +21,9 @@ class SolveStats:
       `gradient="direct"`, whose backward replays the recorded graph.
     - `n_accepted`, `n_rejected`: steps (all accepted on a fixed grid); `None` where the backend
       does not report them. `n_accepted_backward`, `n_rejected_backward`: the adjoint's.
-    - `final_step`: the signed step size proposed after the last step.
+    - `final_step`: the signed step size proposed after the last step (`None` for a per-sample solve).
+    - `n_accepted_per_sample`, `n_rejected_per_sample`: with `Adaptive(per_sample=True)`, each
+      sample's steps (lists; `n_accepted`/`n_rejected` are then their sums); else `None`.
 
     **Example:**
 
@@ -38,6 +40,8 @@ class SolveStats:
     n_accepted_backward: int = 0
     n_rejected_backward: int = 0
     final_step: Optional[float] = None
+    n_accepted_per_sample: Optional[List[int]] = None
+    n_rejected_per_sample: Optional[List[int]] = None
 
     @property
     def nfe(self) -> int:
