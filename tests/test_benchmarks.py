@@ -21,6 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
+import odenet
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_solvers.py"
 
@@ -204,6 +207,45 @@ def test_loop_overhead_runs(solver, capsys):
     assert text.count("| forward |") == 1 and text.count("| train |") == 1
     with pytest.raises(SystemExit):
         mod.main(["--shape", "4by3"])
+
+
+def _loop_overhead():
+    spec = importlib.util.spec_from_file_location("loop_overhead", SCRIPT.parent / "loop_overhead.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_loop_overhead_ablate_prints_each_special_path(capsys):
+    out = _loop_overhead().main(["--ablate", "--steps", "3", "--repeats", "2", "--inner", "1", "--shape", "4x3"])
+    assert set(out) == {"forward", "train"} and len(out["forward"]) == 3
+    text = capsys.readouterr().out
+    assert all(f"| {name} |" in text for name in out["forward"])
+
+
+def test_the_loops_special_paths_change_nothing_but_time():
+    """Each path `--ablate` switches off is an optimisation only: with it off, the same solution,
+    gradient and counts; switching it back restores it."""
+    integrate = importlib.import_module("odenet.solvers.integrate")
+    solver = odenet.solvers.Euler()
+    before = (integrate._stage_times, integrate.CountedFunc.bare, solver._single)
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(3, 3), nn.Tanh())
+    y0 = torch.randn(4, 3)
+
+    def run():
+        sol = odenet.odeint(lambda t, y: f(y) * torch.cos(t), y0, [0.0, 0.5, 1.0], solver=solver, steps=6)
+        grad = torch.autograd.grad(sol.ys[-1].sum(), f[0].weight)[0]
+        return sol.ys, grad, sol.stats.nfe_forward, sol.stats.n_accepted
+
+    ref = run()
+    for name, switch_off in _loop_overhead()._ablations(solver).items():
+        undo = switch_off()
+        got = run()
+        undo()
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), name
+        assert got[2:] == ref[2:] == (6, 6), name
+    assert (integrate._stage_times, integrate.CountedFunc.bare, solver._single) == before
 
 
 def test_loss_scale_multiplies_the_training_gradients(bench):

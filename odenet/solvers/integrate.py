@@ -96,22 +96,29 @@ class CountedFunc:
     def __call__(self, t, y: Tensor) -> Tensor:
         if not isinstance(t, Tensor):  # odenet's loop passes floats; torchdiffeq passes tensors
             t = torch.scalar_tensor(t, dtype=y.dtype, device=y.device)
-        first = not self._checked
-        if first:
-            self.scope = FieldScope.of(self.f, y)
-            version = None if y.is_inference() else y._version  # inference tensors have no counter
-            out = self._first_call(t, y)
-        else:
-            out = self.call(t, y) if self.scope is None else self._in_scope(t, y)
+        if not self._checked:
+            return self._first_call(t, y)
+        out = self.call(t, y) if self.scope is None else self._in_scope(t, y)
         if self.autocast is not None and isinstance(out, Tensor) and out.dtype == self.autocast != y.dtype:
             out = out.to(y.dtype)
         if self.backward:
             self.stats.nfe_backward += 1
         else:
             self.stats.nfe_forward += 1
-        if first:
-            self._check(out, y, version)
         return out
+
+    def bare(self) -> Optional[Callable]:
+        """The user's `f` (with its context) to call directly, once the first call was checked, when
+        this wrapper has nothing else to do per call (no scope, no autocast); else `None`. The
+        caller passes tensor times and counts its calls with `count`."""
+        return self.call if self._checked and self.scope is None and self.autocast is None else None
+
+    def count(self, n: int) -> None:
+        """Count `n` calls made to `bare()`."""
+        if self.backward:
+            self.stats.nfe_backward += n
+        else:
+            self.stats.nfe_forward += n
 
     def backward_scope(self):
         """Around a backward pass that calls `f` again: leaves the caller's random-number state as it was."""
@@ -122,15 +129,21 @@ class CountedFunc:
         with self.scope.evaluation():
             return self.call(t, y)
 
-    def _first_call(self, t: Tensor, y: Tensor):
-        """The first evaluation, whose failure is explained where `f` is called the wrong way."""
+    def _first_call(self, t: Tensor, y: Tensor) -> Tensor:
+        """The first evaluation: sets up the scope, then makes an ordinary call whose failure is
+        explained where `f` is called the wrong way, and checks its output."""
+        self.scope = FieldScope.of(self.f, y)
+        version = None if y.is_inference() else y._version  # inference tensors have no counter
+        self._checked = True  # so that the call below takes the ordinary path
         try:
-            return self.call(t, y) if self.scope is None else self._in_scope(t, y)
+            out = self(t, y)
         except (TypeError, RuntimeError) as err:
             better = _signature_error(self.f, t, y, self.call) or _dtype_error(self.f, y)
             if better is None:
                 raise
             raise better from err
+        self._check(out, y, version)
+        return out
 
     def _check(self, out, y: Tensor, version: Optional[int]) -> None:
         name = _name(self.f)
@@ -155,7 +168,6 @@ class CountedFunc:
                 "itself starts inside torch.autocast, odenet casts f's output in the autocast dtype "
                 "to the state's dtype.)"
             )
-        self._checked = True
 
 
 def _name(f) -> str:
@@ -421,6 +433,30 @@ def _plan(grid: Tuple[float, ...], c: Tuple[float, ...]) -> _GridPlan:
     return _GridPlan(hs, times, tuple(StepInfo(t, h, True) for t, h in zip(grid, hs)))
 
 
+@functools.lru_cache(maxsize=64)
+def _cpu_times(grid: Tuple[float, ...], c: Tuple[float, ...], dtype: torch.dtype) -> Tuple[Tensor, tuple]:
+    """`_plan(grid, c).times` as 0-dim CPU tensors of `dtype`, per step: views of one tensor (`base`)."""
+    times = _plan(grid, c).times
+    with torch.inference_mode(False):  # usable by solves with autograd, whatever mode made them
+        base = torch.tensor([x for step in times for x in step], dtype=dtype, device="cpu")
+    flat, s = base.unbind(0), len(c)
+    return base, tuple(flat[i * s:(i + 1) * s] for i in range(len(times)))
+
+
+def _stage_times(plan: _GridPlan, grid: Tuple[float, ...], c: Tuple[float, ...], y0: Tensor) -> tuple:
+    """The time argument of every stage of `plan`: on the CPU, 0-dim tensors kept per grid (as the
+    plan is), which saves making one per evaluation (`benchmarks/loop_overhead.py --ablate`); elsewhere the plan's floats, which
+    `CountedFunc` turns into tensors on the device (no copy from the host). Made again if `f`
+    changed one in place or set its `requires_grad`, so that no solve sees another's change."""
+    if y0.device.type != "cpu" or _compiling():
+        return plan.times
+    base, steps = _cpu_times(grid, c, y0.dtype)
+    if base._version or any(t.requires_grad for step in steps for t in step):
+        _cpu_times.cache_clear()
+        base, steps = _cpu_times(grid, c, y0.dtype)
+    return steps
+
+
 def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: SolveStats,
                 grid: Tuple[float, ...], record: bool, emit=_emit):
     """Every step of a known grid, with nothing read back from the device until the end.
@@ -435,23 +471,35 @@ def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: S
     # Not the cache while torch.compile traces the solve (Dynamo traces past caches).
     plan = (_plan.__wrapped__ if _compiling() else _plan)(grid, solver.tableau.c)
     hs = list(plan.hs)
-    times = plan.times  # floats: CountedFunc makes each a 0-dim tensor when it calls f
+    # odenet's wrapper takes tensor times (a plain `f` gets the floats, as everywhere in the loop).
+    times = _stage_times(plan, grid, solver.tableau.c, y0) if isinstance(f, CountedFunc) else plan.times
     # The times at which `emit` runs: the output times, or with an event every step end.
     due = ts if emit is _emit else grid
     n_due = len(due)
     y, k1, nxt = y0, None, 1
-    for i, h in enumerate(hs):
-        # Without an error estimate; an FSAL method hands its last stage on as the next k1.
-        res = solver.step(f, grid[i], y, h, k1, with_error=False, times=times[i])
-        k1 = res.k_next
-        produced = ()
-        if nxt < n_due and direction * (due[nxt] - grid[i + 1]) <= 0.0:
-            nxt, produced = emit(solver, outputs, due, nxt, direction, grid[i], h, grid[i + 1], y, res.y1, res.ks)
-            if nxt == n_due:  # nothing more is due (at the grid's end, or an event fired): this step is the last;
-                del hs[i + 1 :]  # shortening `hs` ends the loop, and the counts below see the steps taken
-        if record:
-            records.append(StepRecord(grid[i], h, y, produced))
-        y = res.y1
+    call, bare = f, 0
+    try:
+        for i, h in enumerate(hs):
+            # Without an error estimate; an FSAL method hands its last stage on as the next k1.
+            res = solver.step(call, grid[i], y, h, k1, with_error=False, times=times[i])
+            if call is not f:
+                bare += len(res.ks) - (k1 is not None)
+            elif times is not plan.times and f.bare() is not None:
+                # Tensor times and a checked `f`: call it without its wrapper, counting here (what
+                # that saves: `benchmarks/loop_overhead.py --ablate`).
+                call = f.bare()
+            k1 = res.k_next
+            produced = ()
+            if nxt < n_due and direction * (due[nxt] - grid[i + 1]) <= 0.0:
+                nxt, produced = emit(solver, outputs, due, nxt, direction, grid[i], h, grid[i + 1], y, res.y1, res.ks)
+                if nxt == n_due:  # nothing more is due (at the grid's end, or an event fired): this step is the last;
+                    del hs[i + 1 :]  # shortening `hs` ends the loop, and the counts below see the steps taken
+            if record:
+                records.append(StepRecord(grid[i], h, y, produced))
+            y = res.y1
+    finally:
+        if bare:
+            f.count(bare)
     stats.n_accepted += len(hs)
     status = Status.SUCCESS
     # One read per solve (skipped while a CUDA graph is captured, where reads are not allowed).

@@ -113,6 +113,9 @@ class ExplicitRK:
         self._err = _nonzero(tableau.b_err) if tableau.b_err is not None else ()
         self._err_low = _nonzero(tableau.b_err_low) if tableau.b_err_low is not None else ()
         self._dense = tableau.dense
+        # One stage and no error estimate: the residual update `y + h·b₀·f(t, y)` (Euler), which
+        # `step` writes out (see there).
+        self._single = tableau.stages == 1 and not self._err
 
     # ------------------------------------------------------------------ properties
     @property
@@ -153,9 +156,13 @@ class ExplicitRK:
         `last_stage=False`, an FSAL method's last evaluation (`ks` then lacks it). `times[i]`, if
         given, is stage `i`'s time argument instead of `t + c_i h`.
         """
-        tab = self.tableau
         if k1 is None:
             k1 = f(t if times is None else times[0], y)
+        if self._single:
+            # Euler, written out: skips the general stage loop below (what that saves:
+            # `python benchmarks/loop_overhead.py --ablate`).
+            return StepResult(_combine(y, h, self._b, (k1,)), None, [k1], None)
+        tab = self.tableau
         ks = [k1]
         c = tab.c
         yi = y
