@@ -207,14 +207,11 @@ def _solve(func, y0, t, rtol, atol, method, options, gradient, adjoint_params, e
 
 def _solve_event(func, y0, t, opts: SolveOptions, tol, event_fn, adjoint_params):
     """torchdiffeq's `odeint(..., event_fn=...)`: from `t[0]` until `event_fn` changes sign (the
-    direction of `t[:2]`); returns `(event_t, ys)` with `ys` the states at `t[0]` and the event."""
-    if not isinstance(y0, Tensor) or tol is not None:
-        raise ValueError(
-            "event_fn= with a tuple state or per-leaf tolerances is not in odenet's engine yet; pass "
-            "backend='torchdiffeq' to run this call with torchdiffeq."
-        )
+    direction of `t[:2]`); returns `(event_t, ys)` with `ys` the states at `t[0]` and the event
+    (for a tuple state, a tuple of them)."""
     reverse = len(t) > 1 and bool(t[1] < t[0])
-    event_t, sol = solve_event(func, y0, t[0], event_fn, opts, reverse_time=reverse, adjoint_params=adjoint_params)
+    event_t, sol = solve_event(func, y0, t[0], event_fn, opts, reverse_time=reverse, adjoint_params=adjoint_params,
+                               tol=tol)
     _LAST.solution = sol
     return event_t, sol.ys
 

@@ -14,6 +14,7 @@ the event is the first time any element changes sign from its sign at `t0`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Optional, Sequence, Tuple, Union
 
@@ -28,6 +29,7 @@ from .solvers.integrate import CountedFunc, autocast_dtype
 from .solvers.rk import ExplicitRK
 from .solvers.stats import SolveStats
 from .solvers.status import SolverError, Status
+from .tree import LeafTolerances, TreeFunc, TreeSpec, structured_options
 
 __all__ = ["odeint_event", "solve_event", "NoEventError"]
 
@@ -223,9 +225,26 @@ def solve_event(
     t_max: Union[float, Tensor, None] = None,
     reverse_time: bool = False,
     adjoint_params: Optional[Sequence[Tensor]] = None,
+    tol: Optional[LeafTolerances] = None,
 ) -> Tuple[Tensor, Solution]:
     """:func:`odeint_event` with already built :class:`odenet.options.SolveOptions` (the hook for
-    `odenet.odeint` and `odenet.compat`); the same arguments and results."""
+    `odenet.odeint` and `odenet.compat`); the same arguments and results. A tuple, list or dict
+    `y0` (with `tol`, its per-leaf tolerances) is solved as one flat vector, as `odenet.odeint`
+    solves it: `f` and `event_fn` see the structure, and `sol.ys` has it."""
+    if not isinstance(y0, (tuple, list, dict)):
+        return _solve_event(f, y0, t0, event_fn, opts, t_max, reverse_time, adjoint_params)
+    spec = TreeSpec.of(y0)
+    flat = spec.flatten(y0)
+    if opts.adaptive:
+        opts = structured_options(opts, spec, flat, tol)
+    event_t, sol = _solve_event(TreeFunc(f, spec), flat, t0, lambda t, y: event_fn(t, spec.unflatten(y)), opts,
+                                t_max, reverse_time, adjoint_params)
+    return event_t, dataclasses.replace(sol, ys=spec.unflatten(sol.ys, (len(sol.ts),)))
+
+
+def _solve_event(f, y0: Tensor, t0, event_fn, opts: SolveOptions, t_max, reverse_time: bool,
+                 adjoint_params) -> Tuple[Tensor, Solution]:
+    """`solve_event` for a tensor state."""
     if opts.backend != "odenet":
         raise ValueError("Events need backend='odenet' (use torchdiffeq.odeint_event directly for torchdiffeq's).")
     t0_tensor, start = _start(f, y0, t0, event_fn)
