@@ -248,6 +248,21 @@ def test_the_loops_special_paths_change_nothing_but_time():
     assert (integrate._stage_times, integrate.CountedFunc.bare, solver._single) == before
 
 
+def test_torchdiffeq_switch_runs_every_way_on_the_same_task(capsys):
+    """benchmarks/torchdiffeq_switch.py: every way trains the same f on the same batches, so the
+    losses agree (to the solvers' tolerance); the table has a row per way."""
+    spec = importlib.util.spec_from_file_location("torchdiffeq_switch", SCRIPT.parent / "torchdiffeq_switch.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--rounds", "1", "--iters", "2"])
+    assert set(out) == set(mod.WAYS)
+    losses = [r["loss"] for r in out.values()]
+    assert max(losses) - min(losses) < 1e-4 and all(r["nfe"] > 0 and r["seconds"] > 0 for r in out.values())
+    text = capsys.readouterr().out
+    assert "`python benchmarks/torchdiffeq_switch.py --rounds 1 --iters 2`" in text
+    assert all(f"| `{name}` |" in text for name in mod.WAYS)
+
+
 def test_loss_scale_multiplies_the_training_gradients(bench):
     """`--loss-scale` scales the loss, so every gradient of a training step scales with it
     (backprop through the solver: the adjoint's steps could change with the gradients' size)."""
