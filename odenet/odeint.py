@@ -312,7 +312,7 @@ def odeint(
     - `throw`: raise `odenet.SolverError` on solver failure (default); with `False` return the
       `Solution` with its `status` and `message`.
     - `**shorthand`: flat keywords that build `control` and `gradient` instead: `rtol`, `atol`,
-      `first_step`, `min_step`, `max_steps`, `controller`, `norm` (an `Adaptive`), `steps`,
+      `first_step`, `min_step`, `max_steps`, `controller`, `norm`, `per_sample` (an `Adaptive`), `steps`,
       `step_size` (a `Fixed`), `adjoint_rtol`, `adjoint_atol`, `adjoint_seminorm` (an
       `Adjoint`, with `gradient="adjoint"`). Not together with `control=` or a gradient object.
       For a structured `y0`, `rtol`/`atol` may give one number per leaf, in its structure.
