@@ -29,7 +29,7 @@ from .solvers.integrate import CountedFunc, autocast_dtype
 from .solvers.rk import ExplicitRK
 from .solvers.stats import SolveStats
 from .solvers.status import SolverError, Status
-from .tree import LeafTolerances, TreeFunc, TreeSpec, structured_options
+from .tree import LeafTolerances, TreeFunc, TreeSpec, split_tolerances, structured_options
 
 __all__ = ["odeint_event", "solve_event", "NoEventError"]
 
@@ -323,7 +323,8 @@ def odeint_event(
     **Arguments:**
 
     - `f`, `y0`, `solver`, `control`, `gradient`, `adjoint_params`, `throw`, `**shorthand`: as
-      for `odenet.odeint` (`t0` takes the place of `t`).
+      for `odenet.odeint` (`t0` takes the place of `t`); `y0` may be a tuple, list or dict of
+      tensors, with `rtol`/`atol` per leaf, and `event_fn` then sees that structure.
     - `t0`: the start time, a number or a one-element tensor (gradients flow to it).
     - `event_fn`: `event_fn(t, y) -> Tensor` of any shape, not zero at `(t0, y0)`; `t` is a
       0-dim tensor of `y0`'s dtype. Its tensors (an `nn.Module`'s parameters, a closure's)
@@ -334,7 +335,7 @@ def odeint_event(
     - `reverse_time`: search backwards in time from `t0` (then `t_max < t0`).
 
     **Returns:** `(event_t, solution)`: the event time, a 0-dim tensor of `y0`'s dtype, and an
-    `odenet.Solution` with `ts = [t0, event_t]` and `ys = [y0, y(event_t)]`. Both are
+    `odenet.Solution` with `ts = [t0, event_t]` and `ys = [y0, y(event_t)]` (in `y0`'s structure). Both are
     differentiable (first order for the event time's part) under `Direct`, `Adjoint` and
     `Checkpoint`, by the implicit function theorem: `dt*/dθ = -(∂g/∂θ)/(∂g/∂t + ∂g/∂y·f)`.
 
@@ -357,8 +358,12 @@ def odeint_event(
     t_hit.backward()  # t_hit = sqrt(2·10/g), so dt/dg = -t_hit/(2g)
     ```
     """
+    tol = None
     if shorthand:
         check_keywords("odeint_event", shorthand, SHORTHAND)
+        if isinstance(y0, (tuple, list, dict)):  # rtol/atol may give one number per leaf
+            rtol, atol, tol = split_tolerances(y0, shorthand.get("rtol"), shorthand.get("atol"))
+            shorthand.update(rtol=rtol, atol=atol)
     opts = options_from(solver, control, gradient, "odenet", throw, **shorthand)
     return solve_event(f, y0, t0, event_fn, opts, t_max=t_max, reverse_time=reverse_time,
-                       adjoint_params=adjoint_params)
+                       adjoint_params=adjoint_params, tol=tol)

@@ -887,8 +887,10 @@ def _steps_of(solution) -> List[Tuple[float, float, bool]]:
         out.append((t, h, bool(acc)))
     if not out:
         raise ValueError(
-            "No steps to plot: the solve recorded none (the torchdiffeq backend records no steps). Solve (or build "
-            "the block) with backend='odenet', or pass (t, h, accepted) tuples."
+            "No steps to plot: the solve recorded none. The torchdiffeq backend records no steps (use "
+            "backend='odenet'), and a per-sample solve (Adaptive(per_sample=True)) has no shared steps (its "
+            "stats.n_accepted_per_sample counts each sample's; solve one sample alone to plot its steps). Or pass "
+            "(t, h, accepted) tuples."
         )
     return out
 

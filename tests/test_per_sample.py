@@ -227,7 +227,6 @@ def test_direct_gradient_equals_each_samples_solo_gradient():
 def test_direct_gradient_against_finite_differences():
     k, y0, _ = _decay_problem()
     a = torch.tensor([0.2, -0.1, 0.4, 1.0], dtype=DT, requires_grad=True)
-    f = lambda t, y: -k.view(-1, 1).detach() * y + a.view(-1, 1) * torch.sin(3 * t)
 
     def loss(a_):
         g = lambda t, y: -k.view(-1, 1).detach() * y + a_.view(-1, 1) * torch.sin(3 * t)
@@ -238,7 +237,6 @@ def test_direct_gradient_against_finite_differences():
     fd = torch.stack([(loss(a.detach() + eps * e) - loss(a.detach() - eps * e)) / (2 * eps)
                       for e in torch.eye(4, dtype=DT)])
     torch.testing.assert_close(grad, fd, rtol=1e-5, atol=1e-7)
-    assert f(torch.zeros(4, 1, dtype=DT), y0).shape == y0.shape
 
 
 def test_an_overflowing_rejected_trial_leaves_gradients_finite():
@@ -298,6 +296,23 @@ def test_nonfinite_start_fails_only_that_sample():
     sol = odenet.odeint(lambda t, y: -y, y0, [0.0, 1.0], control=per_sample(), throw=False)
     assert sol.status is odenet.Status.NONFINITE and "1 (nonfinite_state)" in sol.message
     torch.testing.assert_close(sol.ys[-1, [0, 2]], y0[[0, 2]] * math.exp(-1.0), rtol=1e-7, atol=1e-9)
+
+
+def test_a_nonfinite_start_leaves_the_others_gradients_finite():
+    """The NaN sample must not reach the shared parameter's gradient through the masks (0·NaN)."""
+    w = torch.tensor(0.7, dtype=DT, requires_grad=True)
+    y0 = torch.tensor([[1.0], [float("nan")], [2.0]], dtype=DT)
+    sol = odenet.odeint(lambda t, y: -w * y, y0, [0.0, 1.0], control=per_sample(1e-9, 1e-11), throw=False)
+    (grad,) = torch.autograd.grad(sol.ys[-1, [0, 2]].sum(), w)
+    torch.testing.assert_close(grad, -3.0 * math.exp(-0.7) * torch.ones((), dtype=DT), rtol=1e-7, atol=0)  # d/dw 3e^{-w}
+    assert torch.isnan(sol.ys[0, 1]).all()  # the output at t0 is y0 itself
+
+
+def test_a_state_of_one_number_per_sample():
+    k = torch.tensor([0.5, 1.0, 4.0], dtype=DT)
+    sol = odenet.odeint(lambda t, y: -k * y, torch.ones(3, dtype=DT), [0.0, 1.0], control=per_sample(1e-9, 1e-11))
+    torch.testing.assert_close(sol.ys[-1], torch.exp(-k), rtol=1e-7, atol=0)
+    assert sol.stats.n_accepted_per_sample[0] < sol.stats.n_accepted_per_sample[2]
 
 
 # ---------------------------------------------------------------------------- what it refuses

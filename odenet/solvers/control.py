@@ -150,8 +150,9 @@ class Adaptive(Option):
       not set the steps of all. `f` is still called on the whole batch, with `t` a tensor of
       shape `[B, 1, ..., 1]` (each sample's time; it broadcasts against the state as a scalar
       would). `SolveStats.n_accepted_per_sample`/`n_rejected_per_sample` give each sample's
-      steps. Works with `Direct` and `Adjoint` (whose backward solve controls the batch jointly),
-      not with `Checkpoint`, events, tuple/dict states or the torchdiffeq backend.
+      steps. Works with `Direct` and `Adjoint` (whose backward solve controls the batch jointly,
+      with a 0-dim `t`, as do gradients to the output times), not with `Checkpoint`, events,
+      tuple/dict states or the torchdiffeq backend.
 
     **Raises:** `TypeError`/`ValueError` for a non-positive or non-numeric value, a
     `controller` that is not a `PIController`, a non-bool `per_sample`, or `first_step < min_step`.

@@ -433,6 +433,9 @@ def _plan(grid: Tuple[float, ...], c: Tuple[float, ...]) -> _GridPlan:
     return _GridPlan(hs, times, tuple(StepInfo(t, h, True) for t, h in zip(grid, hs)))
 
 
+_CACHE_MAX_STAGES = 4096
+
+
 @functools.lru_cache(maxsize=64)
 def _cpu_times(grid: Tuple[float, ...], c: Tuple[float, ...], dtype: torch.dtype) -> Tuple[Tensor, tuple]:
     """`_plan(grid, c).times` as 0-dim CPU tensors of `dtype`, per step: views of one tensor (`base`)."""
@@ -445,10 +448,12 @@ def _cpu_times(grid: Tuple[float, ...], c: Tuple[float, ...], dtype: torch.dtype
 
 def _stage_times(plan: _GridPlan, grid: Tuple[float, ...], c: Tuple[float, ...], y0: Tensor) -> tuple:
     """The time argument of every stage of `plan`: on the CPU, 0-dim tensors kept per grid (as the
-    plan is), which saves making one per evaluation (`benchmarks/loop_overhead.py --ablate`); elsewhere the plan's floats, which
-    `CountedFunc` turns into tensors on the device (no copy from the host). Made again if `f`
-    changed one in place or set its `requires_grad`, so that no solve sees another's change."""
-    if y0.device.type != "cpu" or _compiling():
+    plan is), which saves making one per evaluation (`benchmarks/loop_overhead.py --ablate`);
+    elsewhere the plan's floats, which `CountedFunc` turns into tensors on the device (no copy
+    from the host). Made again if `f` changed one in place or set its `requires_grad`, so that no
+    solve sees another's change. Only grids of up to `_CACHE_MAX_STAGES` stage times: each is a
+    tensor of its own (about 600 bytes), and a long grid amortises making them."""
+    if y0.device.type != "cpu" or _compiling() or len(grid) * len(c) > _CACHE_MAX_STAGES:
         return plan.times
     base, steps = _cpu_times(grid, c, y0.dtype)
     if base._version or any(t.requires_grad for step in steps for t in step):

@@ -39,9 +39,9 @@ def sample_norm(norm) -> Callable[[Tensor], Tensor]:
     """The error norm of each sample, `[B, ...] -> [B]`: `"rms"`/`"max"` over the sample's
     elements, or a callable `norm(x) -> 0-dim tensor` applied to each sample by `torch.func.vmap`."""
     if norm in ("rms", rms_norm):
-        return lambda x: torch.linalg.vector_norm(x.flatten(1), dim=1) / math.sqrt(max(x[0].numel(), 1))
+        return lambda x: torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1) / math.sqrt(max(x[0].numel(), 1))
     if norm in ("max", max_norm):
-        return lambda x: x.flatten(1).abs().amax(1) if x[0].numel() else x.new_zeros(x.shape[0])
+        return lambda x: x.reshape(x.shape[0], -1).abs().amax(1) if x[0].numel() else x.new_zeros(x.shape[0])
     return torch.func.vmap(norm)
 
 
@@ -178,7 +178,8 @@ def _factors(ctrl: PIController, ratio: Tensor, prev: Tensor, accepted: Tensor, 
 def _first_steps(bt: _Batch, f, t0: float, y0: Tensor, k0: Tensor, control: Adaptive, norm, span: float):
     """Each sample's first step size (`_initial_step`, vectorised; one evaluation of `f`, none
     with `first_step`) and whether its `y0` and `f(t0, y0)` are finite."""
-    finite = torch.isfinite(y0).flatten(1).all(1) & torch.isfinite(k0).flatten(1).all(1)
+    n = y0.shape[0]
+    finite = torch.isfinite(y0).reshape(n, -1).all(1) & torch.isfinite(k0).reshape(n, -1).all(1)
     if control.first_step is not None:
         return torch.full((y0.shape[0],), control.first_step, dtype=bt.tdtype, device=bt.device), finite
     order, rtol, atol = bt.solver.tableau.order, control.rtol, control.atol
@@ -328,12 +329,19 @@ def integrate_per_sample(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK,
     norm = sample_norm(norm or control.norm)
     span = abs(ts[-1] - ts[0])
     limit = control.step_limit(span, solver.tableau.error_order)
-    k1 = f(bt.col(bt.ts[:1].expand(n)), y0)
+    t0 = bt.col(torch.full((n,), ts[0], dtype=bt.tdtype, device=bt.device))
+    k1 = f(t0, y0)
     h, finite = _first_steps(bt, f, ts[0], y0, k1, control, norm, span)
     s = _State(bt, ts[0], y0, k1, h, finite)
     values, src = [y0], torch.full((n_out, n), -1, dtype=torch.long, device=bt.device)
     src[0] = 0
-    running, grad = bool((s.code == _RUNNING).any()), torch.is_grad_enabled()
+    running, all_finite = torch.stack([(s.code == _RUNNING).any(), finite.all()]).tolist()
+    grad = torch.is_grad_enabled()
+    if grad and not all_finite:
+        # A sample that starts non-finite stays where it is, but through the masks its NaN would
+        # reach the others' gradients (0·NaN): the loop starts it from zeros instead.
+        s.y = torch.where(finite.view(bt.shape), y0, 0.0)
+        s.k1 = f(t0, s.y)
     while running:
         st = _advance(bt, s, f, control, norm, limit, n_out)
         # Dense output is needed when a sample's first output in the step lies strictly inside it.
