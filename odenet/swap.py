@@ -91,12 +91,7 @@ def swap_blocks(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"swap_blocks needs an nn.Module, got {type(model).__name__}.")
-    _check_swap_keywords(kwargs, select, branches)
-    if select is None and (merge or not strict):
-        raise TypeError(
-            "merge= and strict= apply to blocks converted with select= and branches=; odenet's own blocks (and "
-            "runs converted before) keep how they were made. Pass select= and branches= to convert other blocks."
-        )
+    _check_swap_keywords(kwargs, select, branches, merge, strict)
     if select is None:
         return _swap_own(model, solver, kwargs)
     base = block_options(solver, kwargs.get("control"), kwargs.get("gradient", "direct"), kwargs)  # fails early
@@ -111,7 +106,7 @@ def swap_blocks(
     return model
 
 
-def _check_swap_keywords(kwargs: dict, select, branches) -> None:
+def _check_swap_keywords(kwargs: dict, select, branches, merge: bool, strict: bool) -> None:
     if "t0" in kwargs or "t1" in kwargs:
         raise TypeError(
             "swap_blocks keeps each block's own interval ([t, t + h] of a ResBlock, [t0, t1] of an "
@@ -126,6 +121,11 @@ def _check_swap_keywords(kwargs: dict, select, branches) -> None:
         )
     if select is not None and "regularization" in kwargs:
         raise TypeError("regularization= applies to odenet's own ODEBlocks, not to blocks converted with select=.")
+    if select is None and (merge or not strict):
+        raise TypeError(
+            "merge= and strict= apply to blocks converted with select= and branches=; odenet's own blocks (and "
+            "runs converted before) keep how they were made. Pass select= and branches= to convert other blocks."
+        )
 
 
 _OWN = (ResBlock, ODEBlock, ResidualRun)
