@@ -9,7 +9,7 @@ from .blocks import ODEBlock, ResBlock
 from .swap import swap_blocks, swap_report
 from .gradients import Adjoint, Checkpoint, Direct
 from .solvers.control import Adaptive, Fixed
-from .dynamics import ConvDynamics, MLPDynamics
+from .dynamics import ConvDynamics, MLPDynamics, PreActBasicDynamics, PreActBottleneckDynamics
 from .odeint import odeint
 from .solution import Solution, SolveStats, SolverError, Status
 from .citation import citation
@@ -42,6 +42,8 @@ __all__ = [
     "swap_report",
     "MLPDynamics",
     "ConvDynamics",
+    "PreActBasicDynamics",
+    "PreActBottleneckDynamics",
     "solvers",
     "Augment",
     "RNODE",

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLPDynamics", "ConvDynamics"]
+__all__ = ["MLPDynamics", "ConvDynamics", "PreActBasicDynamics", "PreActBottleneckDynamics"]
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "softplus": nn.Softplus, "elu": nn.ELU, "silu": nn.SiLU}
 
@@ -144,3 +144,150 @@ class ConvDynamics(nn.Module):
         h = self.conv1(t, self.act(self.norm1(x)))
         h = self.conv2(t, self.act(self.norm2(h)))
         return self.norm3(h)
+
+
+# ---------------------------------------------------------------------------- pre-activation ResNet blocks
+
+_NORMS = ("batch", "group")
+
+
+class _TimeConv2d(nn.Module):
+    """A bias-free same-size convolution (1x1 or 3x3), with `t` as an extra constant channel when `time_dependent`."""
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int, time_dependent: bool):
+        super().__init__()
+        self.time_dependent = time_dependent
+        self.conv = nn.Conv2d(c_in + int(time_dependent), c_out, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        if self.time_dependent:
+            x = torch.cat([x, t.to(x.dtype).expand(x.shape[0], 1, x.shape[2], x.shape[3])], dim=1)
+        return self.conv(x)
+
+
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}.")
+    return value
+
+
+def _norm_layers(norm: str, groups: Optional[int], widths) -> list:
+    """One normalisation layer per entry of `widths`: BatchNorm, or GroupNorm with `groups` dividing them all."""
+    if norm not in _NORMS:
+        raise ValueError(f"Unknown norm {norm!r}; choose 'batch' (BatchNorm, as He et al.) or 'group' (GroupNorm).")
+    if norm == "batch":
+        if groups is not None:
+            raise ValueError(f"groups={groups!r} applies to norm='group' only; leave it out with norm='batch'.")
+        return [nn.BatchNorm2d(c) for c in widths]
+    common = 0
+    for c in widths:
+        common = math.gcd(common, c)
+    groups = _check_int("groups", groups if groups is not None else _default_groups(common, common))
+    if any(c % groups for c in widths):
+        raise ValueError(f"groups={groups} must divide the channel counts {sorted(set(widths))}.")
+    return [nn.GroupNorm(groups, c) for c in widths]
+
+
+class _PreActDynamics(nn.Module):
+    """`norm -> ReLU -> conv`, once per convolution (`widths[i] -> widths[i + 1]`, `kernels[i]`)."""
+
+    def __init__(self, widths, kernels, norm: str, groups: Optional[int], time_dependent: bool, zero_init: bool,
+                 activation: str):
+        super().__init__()
+        self.channels = widths[0]
+        self.time_dependent = _check_flag("time_dependent", time_dependent)
+        self.norms = nn.ModuleList(_norm_layers(norm, groups, widths[:-1]))
+        self.convs = nn.ModuleList(
+            _TimeConv2d(a, b, k, self.time_dependent) for a, b, k in zip(widths[:-1], widths[1:], kernels)
+        )
+        self.act = _activation(activation)
+        if _check_flag("zero_init", zero_init):
+            nn.init.zeros_(self.convs[-1].conv.weight)
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        """`dx/dt` at time `t` (a 0-dim tensor) for a state `x` of shape `[B, channels, H, W]`."""
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(
+                f"{type(self).__name__}(channels={self.channels}) needs a [B, {self.channels}, H, W] state, "
+                f"got shape {tuple(x.shape)}."
+            )
+        h = x
+        for norm, conv in zip(self.norms, self.convs):
+            h = conv(t, self.act(norm(h)))
+        return h
+
+
+class PreActBasicDynamics(_PreActDynamics):
+    """The residual branch of a pre-activation basic block (He et al. 2016, "Identity mappings in
+    deep residual networks") as `f(t, x)`: `norm → ReLU → conv3x3 → norm → ReLU → conv3x3`.
+
+    `ResBlock(f)` is then the ResNet-v2 basic block with an identity shortcut, exactly.
+    BatchNorm is the paper's; inside a solve its running statistics are updated by the first
+    evaluation only and, in eval mode, normalise every depth alike. GroupNorm normalises each
+    sample by itself: the same function in training and evaluation, under any solver.
+
+    **Arguments:**
+
+    - `channels`: channels `C` of the state `[B, C, H, W]`.
+    - `hidden`: channels between the two convolutions (default `channels`).
+    - `norm`: `"batch"` (default) or `"group"`.
+    - `groups`: GroupNorm groups, dividing `channels` and `hidden` (default: the largest such
+      number up to 32); only with `norm="group"`.
+    - `time_dependent`: feed `t` to each convolution as an extra channel (default `False`, as
+      in the paper).
+    - `zero_init`: zero the last convolution, so that `f = 0` and the block starts as the identity.
+    - `activation`: `"relu"` (default, the paper's) or a smooth one (`"softplus"`, `"elu"`,
+      `"silu"`, `"tanh"`): ReLU's kinks make tight adaptive solves and adjoint gradients costly.
+
+    **Raises:** `ValueError` for a `channels`, `hidden` or `groups` that is not a positive
+    integer, a `groups` that does not divide the channel counts or given with `norm="batch"`,
+    or an unknown `norm` or `activation`; `TypeError` for a `time_dependent` or `zero_init`
+    that is not a bool.
+
+    **Example:**
+
+    ```python
+    f = odenet.PreActBasicDynamics(channels=16, norm="group")
+    block = odenet.ODEBlock(f, solver="dopri5", rtol=1e-3, atol=1e-3)
+    y = block(torch.randn(2, 16, 8, 8))  # shape [2, 16, 8, 8]
+    ```
+    """
+
+    def __init__(self, channels: int, hidden: Optional[int] = None, norm: str = "batch", groups: Optional[int] = None,
+                 time_dependent: bool = False, zero_init: bool = False, activation: str = "relu"):
+        channels = _check_int("channels", channels)
+        hidden = _check_int("hidden", hidden if hidden is not None else channels)
+        super().__init__((channels, hidden, channels), (3, 3), norm, groups, time_dependent, zero_init, activation)
+
+
+class PreActBottleneckDynamics(_PreActDynamics):
+    """The residual branch of a pre-activation bottleneck block (He et al. 2016, "Identity
+    mappings in deep residual networks") as `f(t, x)`:
+    `norm → ReLU → conv1x1 → norm → ReLU → conv3x3 → norm → ReLU → conv1x1`.
+
+    `ResBlock(f)` is then the ResNet-v2 bottleneck block with an identity shortcut, exactly.
+
+    **Arguments:**
+
+    - `channels`: channels `C` of the state `[B, C, H, W]` (the block's output width).
+    - `width`: the bottleneck width, channels of the 3x3 convolution (default `channels // 4`,
+      at least 1: the papers' expansion of 4).
+    - `norm`, `groups`, `time_dependent`, `zero_init`, `activation`: as in `PreActBasicDynamics`
+      (`groups` dividing `channels` and `width`).
+
+    **Raises:** as `PreActBasicDynamics`, for `width` in place of `hidden`.
+
+    **Example:**
+
+    ```python
+    f = odenet.PreActBottleneckDynamics(channels=64, width=16, zero_init=True)
+    y = odenet.ResBlock(f)(torch.randn(2, 64, 4, 4))  # the identity at initialisation
+    ```
+    """
+
+    def __init__(self, channels: int, width: Optional[int] = None, norm: str = "batch", groups: Optional[int] = None,
+                 time_dependent: bool = False, zero_init: bool = False, activation: str = "relu"):
+        channels = _check_int("channels", channels)
+        width = _check_int("width", width if width is not None else max(1, channels // 4))
+        super().__init__((channels, width, width, channels), (1, 3, 1), norm, groups, time_dependent, zero_init,
+                         activation)
