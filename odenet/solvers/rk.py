@@ -161,7 +161,7 @@ class ExplicitRK:
         if self._single:
             # Euler, written out: skips the general stage loop below (what that saves:
             # `python benchmarks/loop_overhead.py --ablate`).
-            return StepResult(_combine(y, h, self._b, (k1,)), None, [k1], None)
+            return StepResult(torch.add(y, k1, alpha=h * self._b[0][1]), None, [k1], None)
         tab = self.tableau
         ks = [k1]
         c = tab.c
