@@ -482,26 +482,34 @@ def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: S
     due = ts if emit is _emit else grid
     n_due = len(due)
     y, k1, nxt = y0, None, 1
+    # Euler, the residual update, is written out here (unless a subclass overrides `step`): it
+    # skips `step`'s general stage loop, which costs more than the update itself when f is cheap
+    # (`benchmarks/loop_overhead.py --ablate`).
+    euler, w = solver._single and type(solver).step is ExplicitRK.step, solver.tableau.b[0]
     call, bare = f, 0
     try:
         for i, h in enumerate(hs):
-            # Without an error estimate; an FSAL method hands its last stage on as the next k1.
-            res = solver.step(call, grid[i], y, h, k1, with_error=False, times=times[i])
+            if euler:
+                k = call(times[i][0], y)
+                y1, ks = torch.add(y, k, alpha=h * w), [k]
+            else:  # without an error estimate; an FSAL method hands its last stage on as the next k1
+                res = solver.step(call, grid[i], y, h, k1, with_error=False, times=times[i])
+                y1, ks = res.y1, res.ks
             if call is not f:
-                bare += len(res.ks) - (k1 is not None)
+                bare += len(ks) - (k1 is not None)
             elif times is not plan.times and f.bare() is not None:
                 # Tensor times and a checked `f`: call it without its wrapper, counting here (what
                 # that saves: `benchmarks/loop_overhead.py --ablate`).
                 call = f.bare()
-            k1 = res.k_next
+            k1 = None if euler else res.k_next
             produced = ()
             if nxt < n_due and direction * (due[nxt] - grid[i + 1]) <= 0.0:
-                nxt, produced = emit(solver, outputs, due, nxt, direction, grid[i], h, grid[i + 1], y, res.y1, res.ks)
+                nxt, produced = emit(solver, outputs, due, nxt, direction, grid[i], h, grid[i + 1], y, y1, ks)
                 if nxt == n_due:  # nothing more is due (at the grid's end, or an event fired): this step is the last;
                     del hs[i + 1 :]  # shortening `hs` ends the loop, and the counts below see the steps taken
             if record:
                 records.append(StepRecord(grid[i], h, y, produced))
-            y = res.y1
+            y = y1
     finally:
         if bare:
             f.count(bare)

@@ -114,7 +114,7 @@ class ExplicitRK:
         self._err_low = _nonzero(tableau.b_err_low) if tableau.b_err_low is not None else ()
         self._dense = tableau.dense
         # One stage and no error estimate: the residual update `y + h·b₀·f(t, y)` (Euler), which
-        # `step` writes out (see there).
+        # the fixed-step loop writes out.
         self._single = tableau.stages == 1 and not self._err
 
     # ------------------------------------------------------------------ properties
@@ -158,10 +158,6 @@ class ExplicitRK:
         """
         if k1 is None:
             k1 = f(t if times is None else times[0], y)
-        if self._single:
-            # Euler, written out: skips the general stage loop below (what that saves:
-            # `python benchmarks/loop_overhead.py --ablate`).
-            return StepResult(torch.add(y, k1, alpha=h * self._b[0][1]), None, [k1], None)
         tab = self.tableau
         ks = [k1]
         c = tab.c
