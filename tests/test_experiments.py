@@ -42,7 +42,7 @@ def test_quick_run_writes_results(script, tmp_path):
         assert results["experiment"] == "degradation"
         for per_depth in results["summary"].values():
             for entry in per_depth.values():
-                assert entry["grad_norm_first_layer_init"] > 0 and 0 <= entry["test_accuracy"] <= 1
+                assert entry["grad_w_stem"] > 0 and 0 <= entry["test_accuracy"] <= 1
     elif script == "nfe_tolerance.py":
         assert results["experiment"] == "nfe_tolerance"
         for rows in results["sweep"].values():
@@ -75,23 +75,6 @@ def _results(out):
         return [strip(v) for v in o] if isinstance(o, list) else o
 
     return strip(json.loads((out / "results.json").read_text()))
-
-
-def test_interrupted_run_resumes(tmp_path):
-    out = tmp_path / "out"
-    args = ("--quick", "--out", str(out))
-    assert _run("degradation.py", *args, timeout=300).returncode == 0
-    before = _results(out)
-    lines = (out / "results.jsonl").read_text().splitlines()
-    assert len(lines) == 6  # 3 families x 2 depths x 1 seed
-    # interrupted while writing the last unit: its line is cut; the rerun trains that one alone
-    (out / "results.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
-    again = _run("degradation.py", *args, timeout=300)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert again.stdout.count("(from results.jsonl)") == 5
-    assert _results(out) == before
-    fresh = _run("degradation.py", *args, "--fresh", timeout=300)  # starts over
-    assert fresh.returncode == 0 and "(from results.jsonl)" not in fresh.stdout
 
 
 def test_spiral_resumes_from_its_checkpoint(tmp_path):
