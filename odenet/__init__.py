@@ -11,6 +11,7 @@ from .gradients import Adjoint, Checkpoint, Direct
 from .solvers.control import Adaptive, Fixed
 from .dynamics import ConvDynamics, MLPDynamics, PreActBasicDynamics, PreActBottleneckDynamics
 from .odeint import odeint
+from .transformer import TransformerDynamics
 from .solution import Solution, SolveStats, SolverError, Status
 from .citation import citation
 from . import compat, events
@@ -44,6 +45,7 @@ __all__ = [
     "ConvDynamics",
     "PreActBasicDynamics",
     "PreActBottleneckDynamics",
+    "TransformerDynamics",
     "solvers",
     "Augment",
     "RNODE",

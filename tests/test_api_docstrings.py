@@ -62,6 +62,7 @@ ENTRY_POINTS = (
     *(f"odenet.plotting.{n}" for n in odenet.plotting.__all__),
     "odenet.Solution", "odenet.SolveStats", "odenet.SolverError", "odenet.Status",
     "odenet.MLPDynamics", "odenet.ConvDynamics", "odenet.PreActBasicDynamics", "odenet.PreActBottleneckDynamics",
+    "odenet.TransformerDynamics",
     "odenet.Augment", "odenet.RNODE", "odenet.citation",
     "odenet.solvers.ButcherTableau", "odenet.solvers.ExplicitRK", "odenet.solvers.PIController",
     "odenet.measure.saved_tensors", "odenet.measure.host_reads", "odenet.measure.median_time",
