@@ -132,8 +132,9 @@ class TransformerDynamics(nn.Module):
         h = (self.ln_1, self.ln_2)[i](x)
         if self.time is None:
             return h
-        shift, scale = self.time(t.to(x.dtype).reshape(1, 1)).view(4, self.dim)[2 * i : 2 * i + 2]
-        return h * (1 + scale) + shift
+        # One time, or one per sample (`[B, 1, 1]` under `Adaptive(per_sample=True)`).
+        mod = self.time(t.to(x.dtype).reshape(-1, 1)).view(-1, 1, 4, self.dim)
+        return h * (1 + mod[:, :, 2 * i + 1]) + mod[:, :, 2 * i]
 
     def _check(self, x: Tensor) -> None:
         if x.dim() != 3 or x.shape[-1] != self.dim:

@@ -211,6 +211,20 @@ def test_time_conditioning():
     assert f(t0, x).dtype == torch.float64  # t in float64 with a float64 state
 
 
+def test_time_conditioning_takes_a_time_per_sample():
+    """Under per-sample error control `t` is `[B, 1, 1]`: each sample is modulated by its own
+    time, as if solved alone."""
+    torch.manual_seed(3)
+    f = TransformerDynamics(16, 2, time_dependent=True).double()
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    t = torch.tensor([0.0, 0.5, 2.0], dtype=torch.float64).view(3, 1, 1)
+    solo = torch.cat([f(t[b].reshape(()), x[b : b + 1]) for b in range(3)])
+    torch.testing.assert_close(f(t, x), solo, rtol=1e-12, atol=1e-12)
+    sol = odenet.odeint(f, x, [0.0, 1.0], rtol=1e-6, atol=1e-8, per_sample=True)
+    alone = odenet.odeint(f, x[2:], [0.0, 1.0], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(sol.ys[-1, 2:], alone.ys[-1], rtol=1e-9, atol=1e-11)
+
+
 # ---------------------------------------------------------------------------- under ODEBlock: gradients
 
 
