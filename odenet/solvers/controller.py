@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
 __all__ = ["PIController"]
 
 
@@ -74,3 +77,11 @@ class PIController:
         if not accepted:
             f = min(f, 1.0)
         return f
+
+    def factors(self, ratio: Tensor, prev_ratio: Tensor, accepted: Tensor, k: int) -> Tensor:
+        """`factor` for tensors of finite ratios, one per sample (per-sample error control)."""
+        f = self.safety * torch.where(ratio > 0, ratio, 1.0).pow(-(self.icoeff + self.pcoeff) / k)
+        if self.pcoeff:
+            f = f * prev_ratio.pow(self.pcoeff / k)
+        f = torch.where(ratio == 0, self.ifactor, f).clamp(self.dfactor, self.ifactor)
+        return torch.where(accepted, f, f.clamp(max=1.0))

@@ -498,10 +498,12 @@ def _fixed_loop(f, y0: Tensor, ts: Sequence[float], solver: ExplicitRK, stats: S
                 y1, ks = res.y1, res.ks
             if call is not f:
                 bare += len(ks) - (k1 is not None)
-            elif times is not plan.times and f.bare() is not None:
-                # Tensor times and a checked `f`: call it without its wrapper, counting here (about
-                # 0.5 µs per evaluation: `benchmarks/loop_overhead.py --ablate`).
-                call = f.bare()
+            elif i == 0 and times is not plan.times:
+                # Tensor times and a checked `f`: call it without its wrapper where the wrapper has
+                # nothing else to do, counting here (about 0.5 µs per evaluation:
+                # `benchmarks/loop_overhead.py --ablate`).
+                direct = f.bare()
+                call = f if direct is None else direct
             k1 = None if euler else res.k_next
             produced = ()
             if nxt < n_due and direction * (due[nxt] - grid[i + 1]) <= 0.0:

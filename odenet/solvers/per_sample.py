@@ -164,17 +164,6 @@ def _ratios(y: Tensor, y1: Tensor, error: Tensor, low, rtol: float, atol: float,
         return torch.where(deno > 0, a * a / deno.sqrt(), 0.0)
 
 
-def _factors(ctrl: PIController, ratio: Tensor, prev: Tensor, accepted: Tensor, finite: Tensor, k: int) -> Tensor:
-    """`PIController.factor` for every sample (and `dfactor` after a non-finite error)."""
-    safe = torch.where(finite & (ratio > 0), ratio, 1.0)
-    fac = ctrl.safety * safe.pow(-(ctrl.icoeff + ctrl.pcoeff) / k)
-    if ctrl.pcoeff:
-        fac = fac * prev.pow(ctrl.pcoeff / k)
-    fac = torch.where(ratio == 0, ctrl.ifactor, fac).clamp(ctrl.dfactor, ctrl.ifactor)
-    fac = torch.where(accepted, fac, fac.clamp(max=1.0))
-    return torch.where(finite, fac, ctrl.dfactor)
-
-
 def _first_steps(bt: _Batch, f, t0: float, y0: Tensor, k0: Tensor, control: Adaptive, norm, span: float):
     """Each sample's first step size (`_initial_step`, vectorised; one evaluation of `f`, none
     with `first_step`) and whether its `y0` and `f(t0, y0)` are finite."""
@@ -242,7 +231,8 @@ def _advance(bt: _Batch, s: _State, f, control: Adaptive, norm, limit: int, n_ou
         ratio = ratio / torch.where(running, h.abs(), 1.0)
     finite = torch.isfinite(ratio)
     accepted = (ratio <= 1.0) & running
-    factor = _factors(ctrl, ratio, s.prev, accepted, finite, ctrl.exponent_order(bt.solver.tableau.error_order))
+    k = ctrl.exponent_order(bt.solver.tableau.error_order)
+    factor = torch.where(finite, ctrl.factors(torch.where(finite, ratio, 1.0), s.prev, accepted, k), ctrl.dfactor)
     count = torch.where(accepted, torch.searchsorted(bt.keys, t_new * bt.direction, right=True) - s.nxt, 0)
     out = _Step(s.y, s.t, h, s.k1, ks, y1, t_new, s.nxt, count, accepted, finite)
     keep = accepted.view(bt.shape)
