@@ -62,14 +62,13 @@ METHODS = {
 }
 
 _ADAPTIVE_OPTIONS = ("first_step", "max_num_steps", "norm", "safety", "ifactor", "dfactor", "dtype")
-_FIXED_OPTIONS = ("step_size", "grid_constructor", "norm")
+_FIXED_OPTIONS = ("step_size", "grid_constructor", "norm", "perturb")
 # torchdiffeq's options that odenet's engine cannot honour: the value that leaves each off, and why.
 _UNSUPPORTED = {
     "min_step": (0, "torchdiffeq accepts any step at min_step whatever its error; odenet never does"),
     "max_step": (math.inf, "odenet's controller has no largest step"),
     "step_t": (None, "odenet's loop has no prescribed step ends"),
     "jump_t": (None, "odenet's loop has no prescribed discontinuities"),
-    "perturb": (False, "odenet evaluates f at the step ends, not at their one-sided limits"),
     "interp": ("linear", "odenet's fixed-step methods here interpolate linearly, torchdiffeq's default"),
 }
 
@@ -105,6 +104,11 @@ def _method(method: Optional[str]) -> ExplicitRK:
 
 
 def _check_options(options: dict, solver: ExplicitRK, method: str) -> None:
+    if options.get("perturb") and solver.adaptive:
+        raise ValueError(
+            f"options={{'perturb': True}} applies to the fixed-grid methods (euler, midpoint, heun2, rk4), not "
+            f"{method!r}; leave it out, or pass backend='torchdiffeq'."
+        )
     for key, value in options.items():
         off, why = _UNSUPPORTED.get(key, (None, None))
         if why is not None and not (value is off or value == off):
@@ -186,8 +190,43 @@ def _options(func, y0, t, rtol, atol, method, options, gradient):
     return SolveOptions(solver, control, gradient), tol, options
 
 
+class _Perturbed(nn.Module):
+    """torchdiffeq's `perturb=True` on a fixed grid: a stage at its step's start sees its time one
+    ulp into the step, a stage at the step's end one ulp back (the one-sided limits, for an `f`
+    that jumps at grid points). The stages come in order, `len(c)` per step, so the call count
+    says which stage this is."""
+
+    def __init__(self, func, c: Tuple[float, ...], direction: float):
+        super().__init__()
+        self.func, self.c, self.direction, self.calls = func, c, direction, 0
+        object.__setattr__(self, "__wrapped__", func)  # messages name, and check the signature of, the user's func
+
+    def forward(self, t: Tensor, y):
+        c = self.c[self.calls % len(self.c)]
+        self.calls += 1
+        if c == 0.0:
+            t = torch.nextafter(t, t + self.direction)
+        elif c == 1.0:
+            t = torch.nextafter(t, t - self.direction)
+        return self.func(t, y)
+
+
+def _perturbed(func, opts: SolveOptions, options: dict, t):
+    """`func`, wrapped for `perturb=True` (fixed-grid methods, backpropagated gradients only)."""
+    if not options.get("perturb"):
+        return func
+    if not isinstance(opts.gradient, Direct):
+        raise ValueError(
+            "options={'perturb': True} with odeint_adjoint: odenet's backward solve does not replay the one-sided "
+            "times; use odeint (backpropagation), or backend='torchdiffeq'."
+        )
+    direction = -1.0 if len(t) > 1 and float(t[-1]) < float(t[0]) else 1.0
+    return _Perturbed(func, tuple(float(c) for c in opts.solver.tableau.c), direction)
+
+
 def _solve(func, y0, t, rtol, atol, method, options, gradient, adjoint_params, event_fn=None):
     opts, tol, options = _options(func, y0, t, rtol, atol, method, options, gradient)
+    func = _perturbed(func, opts, options, t)
     _LAST.solution = None
     if event_fn is not None:
         return _solve_event(func, y0, t, opts, tol, event_fn, adjoint_params)
@@ -273,10 +312,11 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
     - `options`: adaptive methods: `first_step`, `max_num_steps` (torchdiffeq's bound per
       output interval bounds the whole solve at `max_num_steps × (len(t) − 1)` steps; default
       none), `norm`, `safety`, `ifactor`, `dfactor`. Fixed steps: `step_size`,
-      `grid_constructor`. An option odenet cannot honour (`min_step`, `max_step`, `step_t`,
-      `jump_t`, `perturb=True`, `interp="cubic"`) raises; unknown ones warn, as in torchdiffeq.
+      `grid_constructor`, `perturb` (not with `odeint_adjoint`). An option odenet cannot honour
+      (`min_step`, `max_step`, `step_t`, `jump_t`, `interp="cubic"`) raises; unknown ones warn,
+      as in torchdiffeq.
     - `event_fn`: solve from `t[0]` until `event_fn(t, y)` changes sign (see `odeint_event`);
-      returns `(event_t, solution)` as torchdiffeq does (tensor states).
+      returns `(event_t, solution)` as torchdiffeq does (tensor, tuple or dict states).
     - `backend`: `"odenet"`, or `"torchdiffeq"` to hand the call to torchdiffeq unchanged.
 
     **Returns:** a tensor `[len(t), *y0.shape]`, or a tuple of them for a tuple state.

@@ -156,7 +156,6 @@ def test_controller_gains_are_passed_on():
         ("dopri5", dict(min_step=0.01), "min_step"),
         ("dopri5", dict(max_step=0.1), "max_step"),
         ("dopri5", dict(dtype=torch.float32), "dtype"),
-        ("rk4", dict(perturb=True), "perturb"),
         ("euler", dict(interp="cubic"), "interp"),
     ],
 )
@@ -431,3 +430,31 @@ def test_odenet_odeint_event_with_a_dict_state_and_per_leaf_tolerances():
                                         lambda t, s: s["x"], rtol={"x": 1e-8, "v": 1e-6}, atol=1e-10)
     assert abs(t.item() - math.sqrt(2 / 9.81)) < 1e-5
     assert set(sol.ys) == {"x", "v"} and sol.ys["x"].shape == (2,) and abs(sol.ys["x"][-1].item()) < 1e-5
+
+
+def _jump(t, y):
+    """(1 + y) times 2 before t = 0.5, 1 after, 0 exactly there: only one-sided times see the jump as it is."""
+    return (1.0 + y) * ((t > 0.5).to(y.dtype) + 2.0 * (t < 0.5).to(y.dtype))
+
+
+@pytest.mark.parametrize("method", ["euler", "midpoint", "heun2", "rk4"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_perturb_against_torchdiffeq(method, reverse):
+    """options={'perturb': True}: stage times at a step's ends are their one-sided limits, as in
+    torchdiffeq (which sees the jump at a grid point where the plain call does not)."""
+    t = torch.tensor([1.0, 0.0] if reverse else [0.0, 1.0], dtype=torch.float64)
+    y0 = torch.zeros(1, dtype=torch.float64)
+    kw = dict(method=method, options=dict(step_size=0.25, perturb=True))
+    ours, theirs = compat.odeint(_jump, y0, t, **kw), torchdiffeq.odeint(_jump, y0, t, **kw)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    plain = compat.odeint(_jump, y0, t, method=method, options=dict(step_size=0.25))
+    assert not torch.allclose(ours, plain)
+
+
+def test_perturb_is_refused_where_it_cannot_apply():
+    with pytest.raises(ValueError, match="fixed-grid methods"):
+        compat.odeint(_jump, torch.zeros(1), torch.tensor([0.0, 1.0]), options=dict(perturb=True))
+    f = _Fall()
+    with pytest.raises(ValueError, match="odeint_adjoint"):
+        compat.odeint_adjoint(f, torch.zeros(2), torch.tensor([0.0, 1.0]), method="euler",
+                              options=dict(step_size=0.25, perturb=True))
